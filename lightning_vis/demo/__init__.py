@@ -1,0 +1,59 @@
+"""The demo: the built-in CNN trained on generated shapes with every lightning_vis callback.
+
+Run it with ``lightning-vis demo --logdir runs`` or ``python -m lightning_vis.demo``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from lightning_vis.demo.data import CLASSES, ShapesDataset, make_shapes
+from lightning_vis.demo.model import DemoCNN, DemoModule, lightning_package
+
+__all__ = ["CLASSES", "DemoCNN", "DemoModule", "ShapesDataset", "demo_callbacks", "make_shapes", "run_demo"]
+
+
+def demo_callbacks() -> list:
+    """One instance of every lightning_vis callback, at its defaults."""
+    from lightning_vis import callbacks
+
+    return [getattr(callbacks, name)() for name in callbacks.__all__]
+
+
+def run_demo(
+    logdir: str = "runs",
+    *,
+    epochs: int = 8,
+    train_size: int = 4096,
+    batch_size: int = 64,
+    seed: int = 0,
+    callbacks: bool = True,
+    extra_callbacks: list | None = None,
+    **trainer_kwargs: Any,
+) -> Any:
+    """Train the demo CNN; returns the Trainer. Prints the ``tensorboard`` line at the end."""
+    pl = lightning_package()
+    pl.seed_everything(seed, workers=True, verbose=False)
+    model = DemoModule(train_size=train_size, batch_size=batch_size, seed=seed)
+    logger = pl.loggers.TensorBoardLogger(logdir, name="demo")
+    cbs = (demo_callbacks() if callbacks else []) + list(extra_callbacks or [])
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        logger=logger,
+        callbacks=cbs,
+        accelerator="cpu",
+        deterministic=True,
+        log_every_n_steps=10,
+        enable_checkpointing=False,
+        **trainer_kwargs,
+    )
+    start = time.perf_counter()
+    trainer.fit(model)
+    took = time.perf_counter() - start
+    if trainer.is_global_zero:
+        print(f"\nTrained {epochs} epochs in {took:.0f} s; logs in {os.path.abspath(logger.log_dir)}")
+        print("Look at it with:\n")
+        print(f"    tensorboard --logdir {logdir}\n")
+    return trainer
