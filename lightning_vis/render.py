@@ -7,12 +7,12 @@ from Pillow, colour maps from matplotlib.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torchvision.utils import make_grid
 
-__all__ = ["filter_grid", "to_uint8", "upscale"]
+__all__ = ["activity_heatmap", "evolution_strip", "filter_grid", "projection_panel", "signed_thumbnail", "support_boxes", "to_uint8", "upscale"]
 
 #: Frame colour of filters marked dead (RGB in [0, 1]).
 DEAD_RGB = (0.9, 0.1, 0.1)
@@ -135,3 +135,390 @@ def filter_grid(
     framed = _framed(cells, is_dead, width=max(1, factor // 4))
     nrow = nrow or max(1, math.ceil(math.sqrt(n * framed.shape[2] / framed.shape[3])))
     return to_uint8(make_grid(framed, nrow=nrow, padding=2, pad_value=1.0))
+
+
+# --------------------------------------------------------------------------- feature evolution
+def _font(size: int) -> object:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def signed_thumbnail(projection: torch.Tensor, *, max_px: int | None = None) -> torch.Tensor:
+    """A signed image (a projection) as uint8: zero at mid-grey, scaled by its max ``|value|``.
+
+    Each image is scaled on its own (``value / (2·max|value|) + 0.5``), so its strongest
+    pixel is black or white and the sign is kept; an all-zero image is flat mid-grey (no
+    NaN). With ``max_px``, an image larger than that is first shrunk by area averaging
+    (an integer factor), which keeps stored thumbnails small.
+
+    Args:
+        projection: ``[C, H, W]`` or a batch ``[..., C, H, W]`` of signed float images.
+        max_px: largest side in pixels of the result; ``None`` keeps the size.
+
+    Returns:
+        uint8 tensor of the same leading shape (on the CPU).
+
+    Example::
+
+        >>> signed_thumbnail(torch.tensor([[[-2.0, 0.0, 1.0, 2.0]]]))
+        tensor([[[  0, 128, 191, 255]]], dtype=torch.uint8)
+        >>> signed_thumbnail(torch.zeros(3, 64, 64), max_px=16).shape
+        torch.Size([3, 16, 16])
+    """
+    if projection.ndim < 3:
+        raise ValueError(f"Expected an image [C, H, W] or a batch [..., C, H, W], got shape {tuple(projection.shape)}")
+    if max_px is not None and (isinstance(max_px, bool) or not isinstance(max_px, int) or max_px < 1):
+        raise ValueError(f"Invalid value for max_px={max_px!r}. Must be an int >= 1 or None")
+    x = projection.detach().float().cpu()
+    lead, (c, h, w) = x.shape[:-3], x.shape[-3:]
+    x = x.reshape(-1, c, h, w)
+    if max_px is not None and max(h, w) > max_px:
+        factor = math.ceil(max(h, w) / max_px)
+        x = torch.nn.functional.avg_pool2d(x, factor, ceil_mode=True)
+    peak = x.abs().amax(dim=(1, 2, 3), keepdim=True)
+    scaled = torch.where(peak > 0, x / (2 * peak.clamp_min(1e-30)), torch.zeros_like(x)) + 0.5
+    out = to_uint8(scaled)
+    return out.reshape(*lead, *out.shape[-3:])
+
+
+def evolution_strip(
+    thumbnails: torch.Tensor,
+    row_labels: Iterable[str] = (),
+    col_labels: Iterable[str] = (),
+    *,
+    cell_px: int = 48,
+    gap: int = 2,
+    font_px: int = 11,
+) -> torch.Tensor:
+    """Feature evolution as one image (Zeiler & Fergus 2014, Fig. 4): units × snapshots.
+
+    One row per tracked unit, one column per snapshot; ``col_labels`` are drawn above the
+    columns (e.g. ``"ep 5"``), ``row_labels`` left of the rows (e.g. ``"ch 12"``), with
+    Pillow. Thumbnails are upscaled (nearest, integer factor) to about ``cell_px`` pixels;
+    grey thumbnails (one channel) are drawn grey. The background is white.
+
+    Args:
+        thumbnails: ``[R, T, C, h, w]`` (``C`` = 1 or 3), uint8, or float in [0, 1].
+        row_labels: ``R`` labels (or none).
+        col_labels: ``T`` labels (or none).
+        cell_px: approximate size of a cell in pixels.
+        gap: white pixels between cells.
+        font_px: label font size (Pillow's default font).
+
+    Returns:
+        uint8 tensor ``[3, H, W]``.
+
+    Raises:
+        ValueError: wrong shape, no rows or columns, or a label count that does not match.
+
+    Example::
+
+        >>> t = torch.zeros(2, 3, 3, 8, 8, dtype=torch.uint8)
+        >>> img = evolution_strip(t, ["ch 0", "ch 5"], ["ep 1", "ep 2", "ep 5"], cell_px=16)
+        >>> img.dtype, img.shape[0], img.shape[2] > 3 * 16
+        (torch.uint8, 3, True)
+    """
+    if thumbnails.ndim != 5 or thumbnails.shape[2] not in (1, 3):
+        raise ValueError(
+            f"thumbnails must have shape [rows, columns, C, h, w] with C in (1, 3), got {tuple(thumbnails.shape)}"
+        )
+    rows, cols, c, h, w = thumbnails.shape
+    if rows < 1 or cols < 1:
+        raise ValueError(f"thumbnails must hold at least one row and one column, got shape {tuple(thumbnails.shape)}")
+    row_labels, col_labels = list(row_labels), list(col_labels)
+    if row_labels and len(row_labels) != rows:
+        raise ValueError(f"Got {len(row_labels)} row_labels for {rows} rows")
+    if col_labels and len(col_labels) != cols:
+        raise ValueError(f"Got {len(col_labels)} col_labels for {cols} columns")
+    cells = thumbnails if thumbnails.dtype == torch.uint8 else to_uint8(thumbnails)
+    cells = cells.cpu()
+    if c == 1:
+        cells = cells.expand(rows, cols, 3, h, w)
+    factor = max(1, round(cell_px / max(h, w)))
+    cells = upscale(cells, factor)
+    ch, cw = h * factor, w * factor
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    font = _font(font_px)
+    boxes = {t: ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), t, font=font) for t in row_labels + col_labels}
+    text_h = max((b[3] - b[1] for b in boxes.values()), default=0)
+    top = text_h + 3 * gap if col_labels else gap
+    left = max((boxes[t][2] - boxes[t][0] for t in row_labels), default=0) + 3 * gap if row_labels else gap
+    canvas = torch.full((3, top + rows * (ch + gap), left + cols * (cw + gap)), 255, dtype=torch.uint8)
+    for r in range(rows):
+        for t in range(cols):
+            y, x = top + r * (ch + gap), left + t * (cw + gap)
+            canvas[:, y : y + ch, x : x + cw] = cells[r, t]
+    image = Image.fromarray(canvas.permute(1, 2, 0).contiguous().numpy())
+    draw = ImageDraw.Draw(image)
+    for t, text in enumerate(col_labels):  # centred above its column
+        x0, y0, x1, _ = boxes[text]
+        x = left + t * (cw + gap) + (cw - (x1 - x0)) // 2
+        draw.text((x - x0, gap - y0), text, fill=(0, 0, 0), font=font)
+    for r, text in enumerate(row_labels):  # vertically centred left of its row
+        x0, y0, _, y1 = boxes[text]
+        y = top + r * (ch + gap) + (ch - (y1 - y0)) // 2
+        draw.text((gap - x0, y - y0), text, fill=(0, 0, 0), font=font)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+
+
+def activity_heatmap(
+    rates: Mapping[str, torch.Tensor],
+    *,
+    title: str | None = None,
+    floor: float = 1e-3,
+    cmap: str = "viridis",
+    max_channels: int = 512,
+    width_px: int = 800,
+) -> torch.Tensor:
+    """Per-channel firing rates of several sites as one heatmap: sites × channels.
+
+    One row per site, one cell per channel, coloured by firing rate on a log scale from
+    ``floor`` to 1 (matplotlib colour map ``cmap``, colour bar beside it). Channels that
+    never fired (rate 0: dead) are bright red, so dead channels stand out at a glance;
+    rows shorter than the widest site are padded with light grey.
+
+    Args:
+        rates: site name -> ``[C]`` firing rates in [0, 1], in display order (top first).
+        title: drawn above the map (e.g. the step).
+        floor: lowest rate of the colour scale; smaller positive rates get its colour.
+        cmap: a matplotlib colour map name.
+        max_channels: show at most this many channels per site (the first ones).
+        width_px: image width in pixels.
+
+    Returns:
+        uint8 tensor ``[3, H, W]``.
+
+    Raises:
+        ValueError: ``rates`` is empty, ``floor`` is not in (0, 1), or ``cmap`` is unknown.
+
+    Example::
+
+        >>> img = activity_heatmap({"features.1": torch.tensor([0.0, 0.5, 1.0]),
+        ...                         "features.4": torch.tensor([1.0, 0.002])}, title="step 100")
+        >>> img.dtype, img.shape[0], img.shape[2]
+        (torch.uint8, 3, 800)
+    """
+    import matplotlib
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    if not rates:
+        raise ValueError("activity_heatmap needs at least one site, got an empty mapping")
+    if not 0.0 < floor < 1.0:
+        raise ValueError(f"Invalid value for floor={floor!r}. Must be in (0, 1)")
+    if cmap not in matplotlib.colormaps:
+        raise ValueError(f"Unknown colour map cmap={cmap!r}; e.g. 'viridis', 'magma', 'cividis'")
+    names = list(rates)
+    rows = [rates[n].detach().float().cpu().flatten()[:max_channels] for n in names]
+    width = max(max(r.numel() for r in rows), 1)
+    grid = torch.full((len(rows), width), float("nan"))
+    for i, r in enumerate(rows):
+        grid[i, : r.numel()] = torch.where(r > 0, r.clamp(floor, 1.0), torch.full_like(r, floor / 10))  # under: red
+    colours = matplotlib.colormaps[cmap].with_extremes(under=DEAD_RGB, bad=(0.93, 0.93, 0.93))
+    dpi = 100
+    height_in = 1.0 + 0.32 * len(rows) + (0.3 if title else 0.0)
+    fig = Figure(figsize=(width_px / dpi, height_in), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.2, 0.5 / height_in + 0.12 / height_in, 0.66, 1 - (1.0 + (0.3 if title else 0)) / height_in))
+    shown = ax.imshow(grid.numpy(), aspect="auto", interpolation="nearest", cmap=colours,
+                      norm=LogNorm(vmin=floor, vmax=1.0))  # fmt: skip
+    ax.set_yticks(range(len(names)), [n if len(n) <= 28 else "…" + n[-27:] for n in names], fontsize=8)
+    ax.set_xlabel("channel (red: never fired)", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    bar = fig.colorbar(shown, ax=ax, fraction=0.04, pad=0.02, extend="min")
+    bar.set_label("firing rate", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    canvas.draw()
+    rgba = torch.from_numpy(np.asarray(canvas.buffer_rgba()).copy())
+    return rgba[..., :3].permute(2, 0, 1).contiguous()
+
+
+# --------------------------------------------------------------------------- DeconvNet projections
+#: Colours of the top-k units' boxes and frames in :func:`projection_panel` (tab10).
+UNIT_COLOURS = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)  # fmt: skip
+
+
+def support_boxes(projections: torch.Tensor, *, rel_tol: float = 1e-6) -> torch.Tensor:
+    """The receptive field each projection reached: the bounding box of its support.
+
+    A unit's projection is exactly zero outside the input pixels its backward signal
+    reached (no bias enters the backward), so the box of ``|p| > rel_tol · max|p|`` is the
+    part of its receptive field that drives it, computed rather than guessed.
+
+    Args:
+        projections: ``[..., C, H, W]`` signed projections.
+        rel_tol: pixels below this fraction of the projection's peak count as zero.
+
+    Returns:
+        long tensor ``[..., 4]``: ``(top, left, bottom, right)``, bottom/right exclusive;
+        all ``-1`` for an all-zero projection.
+
+    Example::
+
+        >>> p = torch.zeros(1, 6, 6)
+        >>> p[0, 1:3, 2:5] = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, 0.0]])
+        >>> support_boxes(p).tolist()
+        [1, 2, 3, 5]
+        >>> support_boxes(torch.zeros(2, 1, 4, 4)).tolist()
+        [[-1, -1, -1, -1], [-1, -1, -1, -1]]
+    """
+    if projections.ndim < 3:
+        raise ValueError(f"Expected projections [..., C, H, W], got shape {tuple(projections.shape)}")
+    mag = projections.detach().abs().amax(dim=-3)  # [..., H, W]
+    peak = mag.flatten(-2).amax(-1)[..., None, None]
+    mask = (mag > rel_tol * peak) & (peak > 0)
+    h, w = mask.shape[-2:]
+    rows, cols = mask.any(-1), mask.any(-2)  # [..., H], [..., W]
+    r_idx, c_idx = torch.arange(h, device=mask.device), torch.arange(w, device=mask.device)
+    top = torch.where(rows, r_idx, h).amin(-1)
+    bottom = torch.where(rows, r_idx, -1).amax(-1) + 1
+    left = torch.where(cols, c_idx, w).amin(-1)
+    right = torch.where(cols, c_idx, -1).amax(-1) + 1
+    boxes = torch.stack([top, left, bottom, right], dim=-1).long()
+    return torch.where(rows.any(-1, keepdim=True), boxes, torch.full_like(boxes, -1)).cpu()
+
+
+def _square_box(box: list[int], h: int, w: int) -> tuple[int, int, int, int]:
+    """``box`` grown to a square (as far as the image allows), for undistorted crops."""
+    top, left, bottom, right = box
+    if top < 0:
+        return 0, 0, h, w
+    side = min(max(bottom - top, right - left), h, w)
+
+    def fit(lo: int, hi: int, size: int) -> int:
+        start = lo - (side - (hi - lo)) // 2
+        return min(max(start, 0), size - side)
+
+    t, lft = fit(top, bottom, h), fit(left, right, w)
+    return t, lft, t + side, lft + side
+
+
+def _as_rgb(x: torch.Tensor) -> torch.Tensor:
+    """``[..., C, H, W]`` as three channels: RGB kept, one channel repeated, others averaged."""
+    c = x.shape[-3]
+    if c == 3:
+        return x
+    if c != 1:
+        x = x.mean(dim=-3, keepdim=True)
+    return x.expand(*x.shape[:-3], 3, *x.shape[-2:])
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return torch.nn.functional.interpolate(x[None].float(), size=size, mode="nearest-exact")[0]
+
+
+def projection_panel(
+    images: torch.Tensor,
+    projection: object,
+    *,
+    cell_px: int = 48,
+    gap: int = 3,
+    font_px: int = 10,
+    labels: bool = True,
+) -> torch.Tensor:
+    """DeconvNet projections of one layer as one image (Zeiler & Fergus 2014, Fig. 2).
+
+    One row per probe image: the image with the receptive field of each of its top-k
+    units boxed (box colour = unit), then for each unit its projection beside the image
+    patch under its receptive field, both cropped to that field and upscaled to the cell
+    size, framed in the unit's colour and labelled ``c<channel>`` above. Receptive
+    fields are the support of each projection (:func:`support_boxes`), grown to a square.
+    Projections are signed: zero is mid-grey, each scaled by its own max ``|value|``
+    (:func:`signed_thumbnail`); images are min-max scaled per image for display (they
+    are usually normalised). A unit with an all-zero projection gets a flat grey cell
+    beside the whole image and no box.
+
+    Args:
+        images: ``[N, C, H, W]`` the images that were projected.
+        projection: a :class:`lightning_vis.deconv.Projection` of those images
+            (``images [N, K, C, H, W]``, ``channels [N, K]``).
+        cell_px: side of one cell in pixels.
+        gap: white pixels between cells.
+        font_px: label font size.
+        labels: draw the ``c<channel>`` labels.
+
+    Returns:
+        uint8 tensor ``[3, H, W]``.
+
+    Raises:
+        ValueError: ``images`` and ``projection`` do not match.
+
+    Example::
+
+        >>> from lightning_vis.deconv import project
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3))
+        >>> x = torch.randn(2, 3, 12, 12)
+        >>> img = projection_panel(x, project(net, x, "2", top_k=3), cell_px=24)
+        >>> img.dtype, img.shape[0], img.shape[1] >= 2 * 24
+        (torch.uint8, 3, True)
+    """
+    proj = projection.images.detach().float().cpu()
+    chans = projection.channels.cpu()
+    if images.ndim != 4 or proj.ndim != 5 or images.shape[0] != proj.shape[0] or images.shape[1:] != proj.shape[2:]:
+        raise ValueError(
+            f"images {tuple(images.shape)} do not match the projection's images {tuple(proj.shape)} "
+            "(expected [N, C, H, W] and [N, K, C, H, W])"
+        )
+    if isinstance(cell_px, bool) or not isinstance(cell_px, int) or cell_px < 4:
+        raise ValueError(f"Invalid value for cell_px={cell_px!r}. Must be an int >= 4")
+    n, k, _, h, w = proj.shape
+    pics = _scale(_as_rgb(images.detach().float().cpu()), (1, 2, 3))  # [N, 3, H, W] in [0, 1]
+    thumbs = _as_rgb(signed_thumbnail(_as_rgb(proj) if proj.shape[2] not in (1, 3) else proj)).float() / 255
+    boxes = support_boxes(proj).tolist()
+
+    img_h, img_w = cell_px, max(1, round(cell_px * w / h))
+    frame = max(1, cell_px // 24)
+    pair_w = 2 * cell_px + 2 * frame + 1
+    text_h = font_px + 2 if labels else 0
+    row_h = text_h + cell_px + 2 * frame
+    width = gap + img_w + 2 * frame + k * (pair_w + gap) + gap
+    height = gap + n * (row_h + gap)
+    canvas = torch.ones(3, height, width)
+    placed = []  # (kind, colour index, xy box) drawn afterwards with Pillow
+    for i in range(n):
+        y = gap + i * (row_h + gap) + text_h + frame
+        canvas[:, y : y + img_h, gap + frame : gap + frame + img_w] = _resize(pics[i], (img_h, img_w))
+        for j in range(k):
+            x = gap + img_w + 2 * frame + gap + j * (pair_w + gap) + frame
+            t, lft, b, r = _square_box(boxes[i][j], h, w)
+            canvas[:, y : y + cell_px, x : x + cell_px] = _resize(thumbs[i, j, :, t:b, lft:r], (cell_px, cell_px))
+            x2 = x + cell_px + 1
+            canvas[:, y : y + cell_px, x2 : x2 + cell_px] = _resize(pics[i, :, t:b, lft:r], (cell_px, cell_px))
+            placed.append(("frame", j, (x - frame, y - frame, x2 + cell_px + frame - 1, y + cell_px + frame - 1)))
+            if labels:
+                placed.append(("text", j, (x, y - frame - text_h, f"c{int(chans[i, j])}")))
+            if boxes[i][j][0] >= 0:
+                bt, bl, bb, br = boxes[i][j]
+                sy, sx = img_h / h, img_w / w
+                x0 = gap + frame
+                placed.append(("box", j, (x0 + bl * sx, y + bt * sy, x0 + br * sx - 1, y + bb * sy - 1)))
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    image = Image.fromarray(to_uint8(canvas).permute(1, 2, 0).contiguous().numpy())
+    draw = ImageDraw.Draw(image)
+    font = _font(font_px) if labels else None
+    for kind, j, geom in placed:
+        colour = UNIT_COLOURS[j % len(UNIT_COLOURS)]
+        if kind == "frame":
+            draw.rectangle(geom, outline=colour, width=frame)
+        elif kind == "box":
+            draw.rectangle(geom, outline=colour, width=1)
+        else:
+            draw.text(geom[:2], geom[2], fill=colour, font=font)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
