@@ -8,6 +8,7 @@ instance works in either package's ``Trainer``.
 from __future__ import annotations
 
 import importlib
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ if not _PACKAGES:  # pragma: no cover
 
 _CALLBACK_BASES = tuple(p.Callback for p in _PACKAGES)
 _TENSORBOARD_LOGGERS = tuple(p.loggers.TensorBoardLogger for p in _PACKAGES)
+# warnings already given, per Trainer (one warning for all our callbacks together)
+_LOGGER_WARNINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _is_tensorboard(logger: Any) -> bool:
@@ -108,20 +111,24 @@ class _VisMonitor(*_CALLBACK_BASES):
             rank_zero_warn(message, stacklevel=3)
 
     def _check_loggers(self, trainer: Any) -> None:
-        """Warn once when the results cannot be shown as images."""
-        name = type(self).__name__
+        """Warn once per Trainer (for all our callbacks together) when images cannot be shown."""
+        said = _LOGGER_WARNINGS.setdefault(trainer, set())
+        ours = ", ".join(dict.fromkeys(type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, _VisMonitor)))
         if not trainer.loggers:
-            self._warn_once(
-                "no-logger",
-                f"{name}: the Trainer has no logger (logger=False), so nothing is logged; "
-                "add a TensorBoardLogger to see the images.",
-            )
-        elif not any(_is_tensorboard(lg) for lg in trainer.loggers):
+            if "no-logger" not in said:
+                said.add("no-logger")
+                rank_zero_warn(
+                    f"lightning_vis ({ours}): the Trainer has no logger (logger=False), so nothing is logged; "
+                    "add a TensorBoardLogger to see the images.",
+                    stacklevel=3,
+                )
+        elif not any(_is_tensorboard(lg) for lg in trainer.loggers) and "no-tensorboard" not in said:
+            said.add("no-tensorboard")
             kinds = ", ".join(type(lg).__name__ for lg in trainer.loggers)
-            self._warn_once(
-                "no-tensorboard",
-                f"{name}: no TensorBoardLogger among the Trainer's loggers ({kinds}); images are "
-                "skipped, scalars still go to every logger.",
+            rank_zero_warn(
+                f"lightning_vis ({ours}): no TensorBoardLogger among the Trainer's loggers ({kinds}); "
+                "images are skipped, scalars still go to every logger.",
+                stacklevel=3,
             )
 
     # ---------------------------------------------------------------- logging (rank 0 writes)

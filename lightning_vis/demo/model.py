@@ -27,7 +27,7 @@ class DemoCNN(nn.Module):
     """Four conv blocks (5×5 then 3×3 kernels), global average pooling, a linear head.
 
     ``features`` is an ``nn.Sequential`` as in torchvision's VGG/AlexNet, so layers are
-    named ``features.0`` (first conv), ``features.3``… With ``batchnorm=False`` the
+    named ``features.0`` (first conv), ``features.4``… With ``batchnorm=False`` the
     blocks are conv → ReLU → pool (used by ``examples/dying_relu.py``).
     """
 
@@ -44,6 +44,11 @@ class DemoCNN(nn.Module):
             if i < 3:
                 layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
+        if batchnorm:
+            # BatchNorm makes the first filters' scale irrelevant to the forward pass; a small
+            # start lets the learned structure (oriented edges, colour opponents) dominate the
+            # random initial pattern within a few epochs.
+            nn.init.normal_(self.features[0].weight, std=0.01)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(chans[-1], num_classes)
 
