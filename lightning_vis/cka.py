@@ -26,7 +26,14 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["CKAAccumulator", "cka_from_grams", "gram_matrices", "hsic1", "linear_cka", "minibatch_slices"]
+__all__ = [
+    "CKAAccumulator",
+    "cka_from_grams",
+    "gram_matrices",
+    "hsic1",
+    "linear_cka",
+    "minibatch_slices",
+]
 
 #: The unbiased HSIC estimator needs at least this many examples per minibatch.
 MIN_BATCH = 4

@@ -2,7 +2,9 @@
 
 :func:`project` sends the strongest activation of each of the top-k channels of a layer
 back to pixel space: one forward pass stopped at the layer, one batched backward
-(``torch.autograd.grad(..., is_grads_batched=True)``), never a Python loop over units.
+(``torch.autograd.grad`` under ``torch.func.vmap``: the rows are folded into the batch of
+each backward kernel; ``is_grads_batched=True`` is the fallback, it loops over rows in
+convolutions), never a Python loop over units.
 Rectifier rules are applied to every call form of the activation (modules, reused
 modules, in-place calls, ``F.relu`` / ``torch.relu`` / ``Tensor.relu_`` inside
 ``forward``) through :func:`lightning_vis.sites.intercept_activations`.
@@ -11,7 +13,9 @@ modules, in-place calls, ``F.relu`` / ``torch.relu`` / ``Tensor.relu_`` inside
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +34,8 @@ METHODS = {
     "saliency": "saliency: plain gradient (autograd everywhere)",
 }
 
-#: Elements (per batch row) the batched backward may hold at once, see ``max_rows``.
+#: Elements of backward signal the batched backward may hold at once (about 256 MB in
+#: float32), see ``max_rows``.
 _ROW_BUDGET = 2**26
 
 
@@ -131,11 +136,13 @@ class _RectifiedInplace(torch.autograd.Function):
         return out, None, None
 
 
-def _rule_handler(method: str):
+def _rule_handler(method: str, sizes: list[int] | None = None):
     guided = method == "guided"
 
     def handler(call: ActivationCall) -> torch.Tensor:
         x = call.input
+        if sizes is not None and isinstance(x, torch.Tensor):
+            sizes.append(x.numel())
         if (
             method == "saliency"
             or call.kind not in RECTIFIERS
@@ -171,6 +178,26 @@ def _parse_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module, int]:
     return name, modules[name], index
 
 
+@contextmanager
+def _eager_forward(model: nn.Module) -> Iterator[None]:
+    """Run a LightningModule that Lightning compiled (``from_compiled``) with its eager forward.
+
+    Lightning replaces the instance's ``forward`` by the compiled one and keeps the
+    original in ``_compiler_ctx``; inside, the original is put back (the root module's
+    hooks still run, so every rectifier call is seen), and restored on exit.
+    """
+    ctx = model.__dict__.get("_compiler_ctx")
+    compiled = model.__dict__.get("forward")
+    if not isinstance(ctx, dict) or not callable(ctx.get("original_forward")) or compiled is None:
+        yield
+        return
+    model.forward = ctx["original_forward"]
+    try:
+        yield
+    finally:
+        model.forward = compiled
+
+
 def _forward_to(model: nn.Module, x: torch.Tensor, layer: str, forward=None, handler=None) -> torch.Tensor:
     """Run ``model`` on ``x`` until ``layer`` (``name`` or ``name#k``) has produced its output.
 
@@ -187,7 +214,7 @@ def _forward_to(model: nn.Module, x: torch.Tensor, layer: str, forward=None, han
             raise _Stop
         calls[0] += 1
 
-    with intercept_activations(model, handler):
+    with intercept_activations(model, handler), _eager_forward(model):
         handle = module.register_forward_hook(stop)
         try:
             (forward or model)(x)
@@ -221,6 +248,26 @@ def _select_units(
         chosen = channels.to(act.device)
         chosen = chosen[None].expand(n, -1) if chosen.ndim == 1 else chosen
     return chosen, where.gather(1, chosen), peak.gather(1, chosen)
+
+
+def _batched_grad(act: torch.Tensor, x: torch.Tensor, grads: torch.Tensor) -> torch.Tensor | None:
+    """``d act / d x`` for every row of ``grads`` in one batched backward (vector-Jacobian products).
+
+    ``torch.func.vmap`` over ``torch.autograd.grad`` folds the rows into the batch of each
+    backward kernel (one convolution-backward call per layer). ``is_grads_batched=True``
+    (the legacy vmap, which loops over rows for convolutions) is the fallback.
+    """
+
+    def vjp(g: torch.Tensor) -> torch.Tensor | None:
+        return torch.autograd.grad(act, x, g, retain_graph=True, allow_unused=True)[0]
+
+    try:
+        with warnings.catch_warnings():  # ops without a batching rule loop over rows: slower, still exact
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            out = torch.func.vmap(vjp)(grads)
+    except RuntimeError:  # pragma: no cover - an op without a functorch batching rule
+        out = torch.autograd.grad(act, x, grads, retain_graph=True, is_grads_batched=True, allow_unused=True)[0]
+    return out
 
 
 def _check_channels(channels, n: int, c: int) -> torch.Tensor:
@@ -268,7 +315,10 @@ def project(
     * ``"saliency"`` (Simonyan et al.): the plain gradient.
 
     Bounded non-rectifiers (tanh, sigmoid, hardsigmoid, other hardtanh) use their
-    plain gradient under every method.
+    plain gradient under every method. The rules are nonlinear in the seed only through
+    its sign: a positive seed scales its projection, a unit whose strongest activation
+    is ≤ 0 (a silent unit) projects to little or nothing under ``"deconvnet"`` and
+    ``"guided"``.
 
     The forward pass stops at ``layer``; all N×K projections come from one batched
     backward where each batch row carries at most one seed per image (seeds never share
@@ -290,8 +340,9 @@ def project(
         channels: project these channels instead of the top-k: ints ``[K]`` (same for
             every image) or ``[N, K]``.
         method: ``"deconvnet"``, ``"guided"`` or ``"saliency"``.
-        max_rows: at most this many backward rows at once; default: as many as fit in
-            about 2**26 elements of intermediate signal.
+        max_rows: at most this many backward rows at once (each row holds one unit of
+            every image); default: as many as fit in about 2**26 elements of backward
+            signal (4 × the largest activation map per row).
 
     Returns:
         A :class:`Projection` (``images [N, K, C, H, W]``, ``channels [N, K]``,
@@ -334,13 +385,15 @@ def project(
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     n = images.shape[0]
 
+    sizes: list[int] = []  # elements of each activation's input: the backward's working set per row
     with isolated(model):
         x = images.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
         try:
-            act = _forward_to(model, x, layer, handler=_rule_handler(method))
+            act = _forward_to(model, x, layer, handler=_rule_handler(method, sizes))
         except RuntimeError as err:
             raise ValueError(
-                f"images of shape {tuple(images.shape)} do not fit {type(model).__name__}: {err}"
+                f"The forward pass of {type(model).__name__} on images of shape {tuple(images.shape)} "
+                f"failed (do the images fit the model?): {err}"
             ) from err
         c = act.shape[1]
         if channels is not None:
@@ -356,7 +409,8 @@ def project(
         width = act.shape[3]
 
         # grad_outputs: row j carries unit j of every image (one seed per image per row)
-        rows = max_rows or max(1, _ROW_BUDGET // max(1, 4 * (x.numel() + act.numel())))
+        per_row = 4 * max(x.numel(), act.numel(), *sizes)  # a few live signals of the largest map
+        rows = max_rows or max(1, _ROW_BUDGET // per_row)
         rows = min(rows, k)
         batch = torch.arange(n, device=act.device)
         flat_act = act.reshape(n, c, -1)
@@ -368,14 +422,7 @@ def project(
             grads[j, batch.expand(stop - start, -1), chans[:, start:stop].T, where[:, start:stop].T] = seeds[
                 :, start:stop
             ].T.to(act.dtype)
-            (g,) = torch.autograd.grad(
-                act,
-                x,
-                grad_outputs=grads.view(stop - start, *act.shape),
-                is_grads_batched=True,
-                retain_graph=stop < k,
-                allow_unused=True,
-            )
+            g = _batched_grad(act, x, grads.view(stop - start, *act.shape))
             if g is None:
                 out[start:stop].zero_()
             else:

@@ -17,6 +17,7 @@ from torch import nn
 
 __all__ = [
     "conv_layers",
+    "forward_of",
     "execution_order",
     "first_conv",
     "resolve_layers",
@@ -42,6 +43,24 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def forward_of(model: nn.Module) -> Callable:
+    """The eager forward of ``model``: past ``torch.compile`` wrappers, including the one
+    Lightning installs on a compiled ``LightningModule`` (``_compiler_ctx``), so hooks and
+    function modes see every call.
+
+    Example::
+
+        >>> net = nn.Linear(2, 2)
+        >>> forward_of(torch.compile(net)) is net
+        True
+    """
+    model = unwrap_model(model)
+    ctx = model.__dict__.get("_compiler_ctx")
+    if isinstance(ctx, dict) and callable(ctx.get("original_forward")):
+        return ctx["original_forward"]
+    return model.forward if "forward" in model.__dict__ else model
 
 
 def conv_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -12,7 +12,16 @@ from collections.abc import Iterable, Mapping
 import torch
 from torchvision.utils import make_grid
 
-__all__ = ["activity_heatmap", "evolution_strip", "filter_grid", "projection_panel", "signed_thumbnail", "support_boxes", "to_uint8", "upscale"]
+__all__ = [
+    "activity_heatmap",
+    "evolution_strip",
+    "filter_grid",
+    "projection_panel",
+    "signed_thumbnail",
+    "support_boxes",
+    "to_uint8",
+    "upscale",
+]
 
 #: Frame colour of filters marked dead (RGB in [0, 1]).
 DEAD_RGB = (0.9, 0.1, 0.1)
@@ -199,7 +208,9 @@ def evolution_strip(
     One row per tracked unit, one column per snapshot; ``col_labels`` are drawn above the
     columns (e.g. ``"ep 5"``), ``row_labels`` left of the rows (e.g. ``"ch 12"``), with
     Pillow. Thumbnails are upscaled (nearest, integer factor) to about ``cell_px`` pixels;
-    grey thumbnails (one channel) are drawn grey. The background is white.
+    grey thumbnails (one channel) are drawn grey. The background is white. Columns are
+    widened (cells centred) where a column label is wider than a cell, so labels never
+    overlap; otherwise adding a column only appends to the right.
 
     Args:
         thumbnails: ``[R, T, C, h, w]`` (``C`` = 1 or 3), uint8, or float in [0, 1].
@@ -246,20 +257,23 @@ def evolution_strip(
     from PIL import Image, ImageDraw
 
     font = _font(font_px)
-    boxes = {t: ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), t, font=font) for t in row_labels + col_labels}
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = {t: measure.textbbox((0, 0), t, font=font) for t in row_labels + col_labels}
     text_h = max((b[3] - b[1] for b in boxes.values()), default=0)
     top = text_h + 3 * gap if col_labels else gap
     left = max((boxes[t][2] - boxes[t][0] for t in row_labels), default=0) + 3 * gap if row_labels else gap
-    canvas = torch.full((3, top + rows * (ch + gap), left + cols * (cw + gap)), 255, dtype=torch.uint8)
+    pitch = max([cw] + [boxes[t][2] - boxes[t][0] + 2 for t in col_labels])  # labels never overlap
+    pad = (pitch - cw) // 2
+    canvas = torch.full((3, top + rows * (ch + gap), left + cols * (pitch + gap)), 255, dtype=torch.uint8)
     for r in range(rows):
         for t in range(cols):
-            y, x = top + r * (ch + gap), left + t * (cw + gap)
+            y, x = top + r * (ch + gap), left + t * (pitch + gap) + pad
             canvas[:, y : y + ch, x : x + cw] = cells[r, t]
     image = Image.fromarray(canvas.permute(1, 2, 0).contiguous().numpy())
     draw = ImageDraw.Draw(image)
     for t, text in enumerate(col_labels):  # centred above its column
         x0, y0, x1, _ = boxes[text]
-        x = left + t * (cw + gap) + (cw - (x1 - x0)) // 2
+        x = left + t * (pitch + gap) + (pitch - (x1 - x0)) // 2
         draw.text((x - x0, gap - y0), text, fill=(0, 0, 0), font=font)
     for r, text in enumerate(row_labels):  # vertically centred left of its row
         x0, y0, _, y1 = boxes[text]
@@ -279,10 +293,11 @@ def activity_heatmap(
 ) -> torch.Tensor:
     """Per-channel firing rates of several sites as one heatmap: sites × channels.
 
-    One row per site, one cell per channel, coloured by firing rate on a log scale from
-    ``floor`` to 1 (matplotlib colour map ``cmap``, colour bar beside it). Channels that
-    never fired (rate 0: dead) are bright red, so dead channels stand out at a glance;
-    rows shorter than the widest site are padded with light grey.
+    One row per site (labelled), one cell per channel, coloured by firing rate on a log
+    scale from ``floor`` to 1 (matplotlib colour map ``cmap``; a colour scale below).
+    Channels that never fired (rate 0: dead) are bright red, so dead channels stand out
+    at a glance; rows shorter than the widest site are padded with light grey. Drawn
+    with Pillow (a few milliseconds), no matplotlib figure.
 
     Args:
         rates: site name -> ``[C]`` firing rates in [0, 1], in display order (top first).
@@ -290,7 +305,7 @@ def activity_heatmap(
         floor: lowest rate of the colour scale; smaller positive rates get its colour.
         cmap: a matplotlib colour map name.
         max_channels: show at most this many channels per site (the first ones).
-        width_px: image width in pixels.
+        width_px: approximate image width in pixels.
 
     Returns:
         uint8 tensor ``[3, H, W]``.
@@ -302,14 +317,15 @@ def activity_heatmap(
 
         >>> img = activity_heatmap({"features.1": torch.tensor([0.0, 0.5, 1.0]),
         ...                         "features.4": torch.tensor([1.0, 0.002])}, title="step 100")
-        >>> img.dtype, img.shape[0], img.shape[2]
-        (torch.uint8, 3, 800)
+        >>> img.dtype, img.shape[0]
+        (torch.uint8, 3)
+        >>> red = (img[0] == 230) & (img[1] == 26) & (img[2] == 26)  # dead: DEAD_RGB
+        >>> bool(red.any())
+        True
     """
     import matplotlib
     import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import LogNorm
-    from matplotlib.figure import Figure
+    from PIL import Image, ImageDraw
 
     if not rates:
         raise ValueError("activity_heatmap needs at least one site, got an empty mapping")
@@ -317,31 +333,56 @@ def activity_heatmap(
         raise ValueError(f"Invalid value for floor={floor!r}. Must be in (0, 1)")
     if cmap not in matplotlib.colormaps:
         raise ValueError(f"Unknown colour map cmap={cmap!r}; e.g. 'viridis', 'magma', 'cividis'")
-    names = list(rates)
-    rows = [rates[n].detach().float().cpu().flatten()[:max_channels] for n in names]
-    width = max(max(r.numel() for r in rows), 1)
-    grid = torch.full((len(rows), width), float("nan"))
+    lut = torch.from_numpy(matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3]).float()  # [256, 3]
+    dead_rgb, pad_rgb = torch.tensor(DEAD_RGB), torch.tensor((0.93, 0.93, 0.93))
+
+    def colours(values: torch.Tensor) -> torch.Tensor:  # rates -> RGB [..., 3]
+        t = (values.clamp(floor, 1.0).log10() - math.log10(floor)) / -math.log10(floor)
+        rgb = lut[(t * 255).round().long()]
+        return torch.where((values <= 0).unsqueeze(-1), dead_rgb, rgb)
+
+    names = [n if len(n) <= 28 else "…" + n[-27:] for n in rates]
+    rows = [rates[n].detach().float().cpu().flatten()[:max_channels] for n in rates]
+    channels = max(max(r.numel() for r in rows), 1)
+    font = _font(12)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(int(measure.textlength(n, font=font)) for n in names) + 12
+    cell_w = max(1, min(24, (width_px - label_w - 16) // channels))
+    row_h, gap, pad = 16, 2, 8
+    top = pad + (20 if title else 0)
+    grid_w = cell_w * channels
+    grid_h = len(rows) * (row_h + gap) - gap
+    bar_top = top + grid_h + 10
+    height = bar_top + 10 + 22
+    width = max(label_w + grid_w + pad, label_w + 260 + pad)
+    canvas = torch.ones(height, width, 3)
     for i, r in enumerate(rows):
-        grid[i, : r.numel()] = torch.where(r > 0, r.clamp(floor, 1.0), torch.full_like(r, floor / 10))  # under: red
-    colours = matplotlib.colormaps[cmap].with_extremes(under=DEAD_RGB, bad=(0.93, 0.93, 0.93))
-    dpi = 100
-    height_in = 1.0 + 0.32 * len(rows) + (0.3 if title else 0.0)
-    fig = Figure(figsize=(width_px / dpi, height_in), dpi=dpi)
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.2, 0.5 / height_in + 0.12 / height_in, 0.66, 1 - (1.0 + (0.3 if title else 0)) / height_in))
-    shown = ax.imshow(grid.numpy(), aspect="auto", interpolation="nearest", cmap=colours,
-                      norm=LogNorm(vmin=floor, vmax=1.0))  # fmt: skip
-    ax.set_yticks(range(len(names)), [n if len(n) <= 28 else "…" + n[-27:] for n in names], fontsize=8)
-    ax.set_xlabel("channel (red: never fired)", fontsize=8)
-    ax.tick_params(axis="x", labelsize=7)
+        y = top + i * (row_h + gap)
+        line = pad_rgb.expand(channels, 3).clone()
+        line[: r.numel()] = colours(r)
+        cells = line.repeat_interleave(cell_w, dim=0)  # [grid_w, 3]
+        canvas[y : y + row_h, label_w : label_w + grid_w] = cells.unsqueeze(0)
+    # colour scale: a red "dead" box, then floor .. 1 on the log scale
+    bar_w = max(160, min(grid_w, 400) - 40)
+    canvas[bar_top : bar_top + 10, label_w : label_w + 24] = dead_rgb
+    ramp = torch.logspace(math.log10(floor), 0, bar_w)
+    canvas[bar_top : bar_top + 10, label_w + 44 : label_w + 44 + bar_w] = colours(ramp).unsqueeze(0)
+    image = Image.fromarray((canvas * 255).round().to(torch.uint8).numpy())
+    draw = ImageDraw.Draw(image)
     if title:
-        ax.set_title(title, fontsize=9)
-    bar = fig.colorbar(shown, ax=ax, fraction=0.04, pad=0.02, extend="min")
-    bar.set_label("firing rate", fontsize=8)
-    bar.ax.tick_params(labelsize=7)
-    canvas.draw()
-    rgba = torch.from_numpy(np.asarray(canvas.buffer_rgba()).copy())
-    return rgba[..., :3].permute(2, 0, 1).contiguous()
+        draw.text((label_w, pad), title, fill=(0, 0, 0), font=font)
+    for i, n in enumerate(names):
+        y = top + i * (row_h + gap) + 1
+        draw.text((label_w - 6 - measure.textlength(n, font=font), y), n, fill=(0, 0, 0), font=font)
+    small = _font(10)
+    draw.text((label_w, bar_top + 11), "dead", fill=(0, 0, 0), font=small)
+    decades = int(round(-math.log10(floor)))
+    for k in range(decades + 1):
+        x = label_w + 44 + round(k / decades * (bar_w - 1))
+        label = f"{10 ** (k - decades):g}"
+        draw.text((x - measure.textlength(label, font=small) / 2, bar_top + 11), label, fill=(0, 0, 0), font=small)
+    draw.text((label_w + 50 + bar_w, bar_top - 2), "firing rate", fill=(0, 0, 0), font=small)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
 
 
 # --------------------------------------------------------------------------- DeconvNet projections

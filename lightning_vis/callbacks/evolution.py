@@ -13,10 +13,19 @@ from torch import nn
 from lightning_vis import render
 from lightning_vis.callbacks._base import _VisMonitor, as_pattern_list, check_every, spread
 from lightning_vis.cka import MIN_BATCH, cka_from_grams, gram_matrices, minibatch_slices
+from lightning_vis.deconv import METHODS, project
 from lightning_vis.isolation import isolated
 from lightning_vis.layers import conv_layers, execution_order, resolve_layers, unwrap_model
 
-__all__ = ["FeatureEvolution", "drop_column", "log_epochs", "probe_layers"]
+__all__ = [
+    "FeatureEvolution",
+    "crop_to_field",
+    "drop_column",
+    "field_side",
+    "log_epochs",
+    "probe_layers",
+    "snapshot_due",
+]
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -42,6 +51,32 @@ def log_epochs(last: int) -> list[int]:
     return out
 
 
+def snapshot_due(
+    epoch: int, every_n_epochs: int | None, epochs: Sequence[int] | str | None, max_epochs: int | None
+) -> bool:
+    """Whether the (1-based) ``epoch`` gets a snapshot.
+
+    ``epochs`` (a list, or ``"log"``: the 1-2-5 series of :func:`log_epochs` plus
+    ``max_epochs`` when it is known) takes precedence over ``every_n_epochs``.
+
+    Example::
+
+        >>> [e for e in range(1, 13) if snapshot_due(e, None, "log", 12)]
+        [1, 2, 5, 10, 12]
+        >>> [e for e in range(1, 13) if snapshot_due(e, None, "log", -1)]  # open-ended run
+        [1, 2, 5, 10]
+        >>> [e for e in range(1, 13) if snapshot_due(e, 4, None, 12)]
+        [4, 8, 12]
+    """
+    if epochs is None:
+        return every_n_epochs is not None and epoch % every_n_epochs == 0
+    if epochs == "log":
+        decade = 10 ** (len(str(epoch)) - 1)
+        in_series = epoch % decade == 0 and epoch // decade in (1, 2, 5)
+        return in_series or (max_epochs is not None and max_epochs > 0 and epoch == max_epochs)
+    return epoch in epochs
+
+
 def drop_column(epochs: Sequence[int]) -> int:
     """Which snapshot to drop to keep a log-spaced subset: the index to remove.
 
@@ -57,14 +92,71 @@ def drop_column(epochs: Sequence[int]) -> int:
 
         >>> drop_column([1, 2, 3, 4, 5])
         3
-        >>> drop_column([1, 2, 5, 6, 20])
-        3
+        >>> drop_column([1, 2, 5, 6, 20])  # 5 goes: 2 -> 6 is the smallest log-gap left
+        2
     """
     if len(epochs) < 3:
         raise ValueError(f"Need at least 3 snapshots to drop one, got {len(epochs)}")
     logs = [math.log(max(e, 1)) for e in epochs]
     gaps = [(logs[i + 1] - logs[i - 1], -i) for i in range(1, len(epochs) - 1)]
     return -min(gaps)[1]
+
+
+def field_side(projections: torch.Tensor) -> int:
+    """Side of the square that holds the support (receptive field) of every projection.
+
+    ``projections`` is ``[K, C, H, W]``; the result is the largest side of their support
+    boxes (:func:`lightning_vis.render.support_boxes`), or the image size when all are zero.
+
+    Example::
+
+        >>> p = torch.zeros(2, 1, 16, 16)
+        >>> p[0, 0, 2:5, 3:6] = 1.0
+        >>> p[1, 0, 8:10, 8:12] = -1.0
+        >>> field_side(p)
+        4
+    """
+    boxes = render.support_boxes(projections)
+    found = boxes[:, 0] >= 0
+    if not found.any():
+        return max(projections.shape[-2:])
+    sizes = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], dim=1)[found]
+    return int(sizes.max())
+
+
+def crop_to_field(projections: torch.Tensor, side: int) -> torch.Tensor:
+    """Square windows of ``side`` pixels centred on each projection's support.
+
+    Zeiler & Fergus show each unit's projection cropped to its receptive field; with one
+    ``side`` per layer, every snapshot of a unit is shown at the same scale. Windows are
+    shifted to stay inside the image; an all-zero projection is cropped at the centre.
+
+    Args:
+        projections: ``[K, C, H, W]``.
+        side: window side in pixels (clipped to the image).
+
+    Returns:
+        ``[K, C, s, s]`` with ``s = min(side, H, W)``.
+
+    Example::
+
+        >>> p = torch.zeros(1, 1, 8, 8)
+        >>> p[0, 0, 6, 7] = 1.0
+        >>> crop_to_field(p, 3)[0, 0]
+        tensor([[0., 0., 0.],
+                [0., 0., 1.],
+                [0., 0., 0.]])
+    """
+    k, _, h, w = projections.shape
+    s = max(1, min(side, h, w))
+    boxes = render.support_boxes(projections).tolist()
+    out = []
+    for i, (top, left, bottom, right) in enumerate(boxes):
+        cy, cx = ((top + bottom) / 2, (left + right) / 2) if top >= 0 else (h / 2, w / 2)
+        y0 = min(max(int(round(cy - s / 2)), 0), h - s)
+        x0 = min(max(int(round(cx - s / 2)), 0), w - s)
+        out.append(projections[i, :, y0 : y0 + s, x0 : x0 + s])
+    return torch.stack(out) if k else projections[:, :, :s, :s]
 
 
 @contextmanager
@@ -114,21 +206,26 @@ def probe_layers(
     """
     grams: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     peaks: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    seen: set[str] = set()
 
     def sink(name: str, out: Any) -> None:
+        if name in seen:  # a module called again within one forward: its first call counts
+            return
         if not isinstance(out, torch.Tensor) or out.ndim < 2:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"Layer {name!r} must output a tensor [N, C, ...] with channels, got {shape}")
-        if len(peaks[name]) == len(grams[name]):  # first call of the module in this chunk
-            grams[name].extend(gram_matrices(out))
-            peaks[name].append(out.detach().flatten(2).amax(dim=2).float().cpu() if out.ndim > 2 else out.float().cpu())
+        seen.add(name)
+        grams[name].extend(gram_matrices(out))
+        peak = out.detach().flatten(2).amax(dim=2) if out.ndim > 2 else out.detach()
+        peaks[name].append(peak.float().cpu())
 
     with isolated(model), torch.no_grad(), _capture_outputs(model, layers, sink):
         for sl in minibatch_slices(images.shape[0], batch_size):
+            seen.clear()
             (forward or model)(images[sl])
-            for name in layers:
-                if len(grams[name]) != len(peaks[name]) or not grams[name]:
-                    raise ValueError(f"Layer {name!r} was not called by the forward pass")
+            missing = [name for name in layers if name not in seen]
+            if missing:
+                raise ValueError(f"Layers {missing} were not called by the forward pass")
     return {name: (grams[name], torch.cat(peaks[name])) for name in layers}
 
 
@@ -141,10 +238,13 @@ def _fingerprint(probe: torch.Tensor) -> list[float]:
 class FeatureEvolution(_VisMonitor):
     """Feature evolution during training (Zeiler & Fergus 2014, Fig. 4) and when each layer settles.
 
-    At each snapshot (the end of a scheduled training epoch), for each watched layer:
+    At each snapshot (after the last optimizer step of a scheduled training epoch, before
+    that epoch's validation), for each watched layer:
 
     * the DeconvNet projection of each tracked unit's strongest activation over the probe
-      set (:func:`lightning_vis.project`) is stored as a small uint8 thumbnail. Tracked
+      set (:func:`lightning_vis.project`), cropped to the layer's receptive field, is
+      stored as a small uint8 thumbnail (zero at mid-grey, each scaled by its own max
+      ``|value|``). Tracked
       units are chosen once, at the first snapshot: the ``top_k`` channels with the
       largest mean (over the probe images) of their per-image maximum activation;
     * the layer's probe activations are compared with linear CKA (unbiased minibatch
@@ -161,8 +261,9 @@ class FeatureEvolution(_VisMonitor):
     tracked channels, Gram matrices for CKA, settled epochs) are saved in the checkpoint,
     so a resumed run continues the same strips. Every probe pass runs in eval mode under
     :func:`~lightning_vis.isolation.isolated`: training is bit-identical with and without
-    the callback. Every rank computes the same snapshots; only global rank 0 renders and
-    writes.
+    the callback. Under DDP every rank takes the snapshot and then adopts rank 0's (one
+    broadcast per snapshot, on every rank), so all ranks hold the same state; only global
+    rank 0 renders and writes.
 
     **Logged** (images and text to every TensorBoard logger, scalars to every logger, on
     global rank 0, at the snapshot's ``global_step``):
@@ -177,7 +278,8 @@ class FeatureEvolution(_VisMonitor):
     After each snapshot: ``callback.settled`` (``{layer: epoch or None}``),
     ``callback.cka`` (``{layer: [(epoch, cka_to_previous, cka_to_first), ...]}``),
     ``callback.epochs`` (the snapshots' epochs), ``callback.tracked`` (``{layer: channels}``),
-    ``callback.layers``.
+    ``callback.layers``, ``callback.probe_images``; ``callback.strip(layer)`` renders the
+    current image.
 
     Args:
         probe: fixed probe images ``[N, C, H, W]`` (``N >= 4``), or ``None`` for the first
@@ -195,6 +297,9 @@ class FeatureEvolution(_VisMonitor):
         method: projection method, ``"deconvnet"``, ``"guided"`` or ``"saliency"``.
         cka_batch_size: CKA minibatch size (>= 4); ``None``: the whole probe as one batch.
         max_layers: most layers picked by default.
+        crop: show each projection cropped to the layer's receptive field (its support at
+            the first snapshot, one square size per layer, as Zeiler & Fergus do), else
+            the whole image.
         thumb_px: stored thumbnails are at most this many pixels on a side.
         cell_px: drawn size of a thumbnail in the strip.
 
@@ -225,12 +330,11 @@ class FeatureEvolution(_VisMonitor):
         method: str = "deconvnet",
         cka_batch_size: int | None = None,
         max_layers: int = 4,
+        crop: bool = True,
         thumb_px: int = 32,
         cell_px: int = 48,
     ) -> None:
         super().__init__()
-        from lightning_vis.deconv import METHODS
-
         self.probe = self._check_probe(probe)
         if self.probe is not None and self.probe.shape[0] < MIN_BATCH:
             raise ValueError(
@@ -272,7 +376,9 @@ class FeatureEvolution(_VisMonitor):
         if cka_batch_size is not None and (
             isinstance(cka_batch_size, bool) or not isinstance(cka_batch_size, int) or cka_batch_size < MIN_BATCH
         ):
-            raise ValueError(f"Invalid value for cka_batch_size={cka_batch_size!r}. Must be an int >= {MIN_BATCH} or None")
+            raise ValueError(
+                f"Invalid value for cka_batch_size={cka_batch_size!r}. Must be an int >= {MIN_BATCH} or None"
+            )
         self.top_k = top_k
         self.num_probe = num_probe
         self.max_columns = max_columns
@@ -280,6 +386,7 @@ class FeatureEvolution(_VisMonitor):
         self.method = method
         self.cka_batch_size = cka_batch_size
         self.max_layers = max_layers
+        self.crop = bool(crop)
         self.thumb_px = thumb_px
         self.cell_px = cell_px
         self._reset_state()
@@ -291,6 +398,7 @@ class FeatureEvolution(_VisMonitor):
         self.epochs: list[int] = []
         self.steps: list[int] = []
         self.tracked: dict[str, list[int]] = {}
+        self._field: dict[str, int] = {}  # layer -> crop side (its receptive field), fixed at the first snapshot
         self._thumbs: dict[str, list[torch.Tensor]] = {}  # layer -> per snapshot uint8 [K, C, h, w]
         self._grams_first: dict[str, list[torch.Tensor]] = {}
         self._grams_prev: dict[str, list[torch.Tensor]] = {}
@@ -308,6 +416,11 @@ class FeatureEvolution(_VisMonitor):
         return {"layers": self.layer_patterns, "top_k": self.top_k}
 
     @property
+    def probe_images(self) -> torch.Tensor | None:
+        """The probe images in use (fixed at the start of training; identical on every rank)."""
+        return self._probe
+
+    @property
     def layers(self) -> list[str] | None:
         """The watched layers (resolved at setup, or for the default at the start of training)."""
         return self._layers
@@ -316,13 +429,7 @@ class FeatureEvolution(_VisMonitor):
     def _due(self, trainer: Any) -> bool:
         if trainer.sanity_checking or trainer.global_step == self._last_step:
             return False
-        epoch = trainer.current_epoch + 1
-        if self.epochs_schedule is None:
-            return epoch % self.every_n_epochs == 0
-        if self.epochs_schedule == "log":
-            last = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else epoch
-            return epoch in log_epochs(last) or epoch == last
-        return epoch in self.epochs_schedule
+        return snapshot_due(trainer.current_epoch + 1, self.every_n_epochs, self.epochs_schedule, trainer.max_epochs)
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -345,7 +452,8 @@ class FeatureEvolution(_VisMonitor):
             channels = getattr(modules[name], "out_channels", None)
             if channels is not None and self.top_k > channels:
                 raise ValueError(
-                    f"Invalid value for top_k={self.top_k}: layer {name!r} has {channels} channels. Must be <= {channels}"
+                    f"Invalid value for top_k={self.top_k}: layer {name!r} has {channels} channels. "
+                    f"Must be <= {channels}"
                 )
 
     def _check_fits(self, pl_module: Any, probe: torch.Tensor, convs: list[str]) -> list[str]:
@@ -396,39 +504,64 @@ class FeatureEvolution(_VisMonitor):
         for name in self._layers:
             self.settled.setdefault(name, None)
 
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # The snapshot of an epoch is taken after its last optimizer step, before validation:
+        # a checkpoint saved at the end of validation (ModelCheckpoint's default) then holds it.
+        last = batch_idx + 1 >= trainer.num_training_batches or trainer.is_last_batch
+        if last and self._probe is not None and self._due(trainer):
+            self._snapshot(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._probe is None or not self._due(trainer):
-            return
-        self._snapshot(trainer, pl_module)
+        if self._probe is not None and self._due(trainer):  # the last batch was not recognised as such
+            self._snapshot(trainer, pl_module)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._probe = None  # do not keep device memory alive after fit
+        if self._probe is not None:  # keep it for inspection, but free device memory
+            self._probe = self._probe.cpu()
 
     # ------------------------------------------------------------------ work
     def _snapshot(self, trainer: Any, pl_module: Any) -> None:
-        from lightning_vis.deconv import project
-
         self._last_step = trainer.global_step
         epoch = trainer.current_epoch + 1
         layers = self._layers or []
         probe = self._probe
+        computed: dict[str, dict[str, Any]] = {}
         with isolated(pl_module):
             stats = probe_layers(pl_module, probe, layers, batch_size=self.cka_batch_size)
             for name in layers:
                 grams, peaks = stats[name]
-                if name not in self.tracked:
+                tracked = self.tracked.get(name)
+                if tracked is None:
                     order = torch.sort(peaks.mean(dim=0), descending=True, stable=True).indices
-                    self.tracked[name] = order[: self.top_k].tolist()
-                channels = torch.tensor(self.tracked[name], dtype=torch.long)
+                    tracked = order[: self.top_k].tolist()
+                channels = torch.tensor(tracked, dtype=torch.long)
                 best = peaks[:, channels].argmax(dim=0)  # strongest probe image per unit (first on ties)
                 proj = project(
                     pl_module, probe[best.to(probe.device)], name, channels=channels[:, None], method=self.method
                 )
-                thumbs = render.signed_thumbnail(proj.images[:, 0], max_px=self.thumb_px)
-                self._thumbs.setdefault(name, []).append(thumbs)
+                images = proj.images[:, 0].detach().cpu()
+                field = self._field.get(name)
+                if self.crop:
+                    field = field_side(images) if field is None else field
+                    images = crop_to_field(images, field)
+                thumbs = render.signed_thumbnail(images, max_px=self.thumb_px)
+                computed[name] = {
+                    "grams": [g.cpu() for g in grams],
+                    "tracked": tracked,
+                    "field": field,
+                    "thumbs": thumbs,
+                }
+        # Under DDP, ranks can differ slightly (e.g. BatchNorm running statistics are per rank
+        # between forwards): every rank adopts rank 0's snapshot, so all keep the same state.
+        computed = trainer.strategy.broadcast(computed, src=0)
+        for name in layers:
+            self.tracked.setdefault(name, list(computed[name]["tracked"]))
+            if computed[name]["field"] is not None:
+                self._field.setdefault(name, int(computed[name]["field"]))
+            self._thumbs.setdefault(name, []).append(computed[name]["thumbs"])
         metrics, texts = {}, []
         for name in layers:
-            grams = stats[name][0]
+            grams = computed[name]["grams"]
             prev, first = self._grams_prev.get(name), self._grams_first.get(name)
             to_prev = cka_from_grams(prev, grams) if prev is not None else None
             to_first = cka_from_grams(first, grams) if first is not None else None
@@ -488,6 +621,7 @@ class FeatureEvolution(_VisMonitor):
             "epochs": list(self.epochs),
             "steps": list(self.steps),
             "tracked": {k: list(v) for k, v in self.tracked.items()},
+            "field": dict(self._field),
             "thumbs": {k: [t.clone() for t in v] for k, v in self._thumbs.items()},
             "grams_first": {k: [g.cpu() for g in v] for k, v in self._grams_first.items()},
             "grams_prev": {k: [g.cpu() for g in v] for k, v in self._grams_prev.items()},
@@ -504,6 +638,7 @@ class FeatureEvolution(_VisMonitor):
         self.epochs = list(state_dict.get("epochs", []))
         self.steps = list(state_dict.get("steps", []))
         self.tracked = {k: list(v) for k, v in state_dict.get("tracked", {}).items()}
+        self._field = dict(state_dict.get("field", {}))
         self._thumbs = {k: list(v) for k, v in state_dict.get("thumbs", {}).items()}
         self._grams_first = {k: list(v) for k, v in state_dict.get("grams_first", {}).items()}
         self._grams_prev = {k: list(v) for k, v in state_dict.get("grams_prev", {}).items()}

@@ -1,0 +1,260 @@
+"""``DeconvProjection``: DeconvNet projections of fixed probe images, through training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_vis import render
+from lightning_vis.callbacks._base import _VisMonitor, as_pattern_list, check_every, spread
+from lightning_vis.deconv import METHODS, _CALL, _eager_forward, _forward_to, project
+from lightning_vis.isolation import isolated
+from lightning_vis.layers import _quote_list, conv_layers, execution_order, resolve_layers, unwrap_model
+
+#: Default number of layers: convolutions spread over the depth.
+_DEFAULT_LAYERS = 4
+
+
+_DEFAULT_TOP_K = 9
+
+
+class DeconvProjection(_VisMonitor):
+    """Log, for fixed probe images, the top-k units of some layers projected back to pixels.
+
+    Zeiler & Fergus (2014), Fig. 2, live: for each probe image and each chosen layer, the
+    ``top_k`` channels with the strongest activation are projected to pixel space by
+    :func:`lightning_vis.project` (one forward to the layer and one batched backward per
+    layer) and drawn by :func:`lightning_vis.render.projection_panel`: per image a row
+    with the image (each unit's receptive field boxed) and, per unit, its projection
+    beside the image patch under its receptive field. The projections run under
+    :func:`~lightning_vis.isolation.isolated` (eval mode, no autocast, modes, buffers,
+    ``.grad`` and RNG states restored), so training is unchanged bit for bit. Only global
+    rank 0 computes and writes.
+
+    **Logged** (to every TensorBoard logger, on global rank 0):
+
+    * ``deconv/<layer>``: one image per layer, at the end of every ``every_n_epochs``-th
+      training epoch and, with ``every_n_steps``, every that many optimizer steps. The
+      image's description says which rule was used at the activations.
+
+    Args:
+        probe: images ``[N, C, H, W]`` (or one ``[C, H, W]``) to project; ``None``: the
+            first ``num_probe`` images of the validation data, else of the training
+            data, chosen when training starts and kept for the whole run.
+        layers: names or glob patterns of the layers (``named_modules()`` names of the
+            LightningModule, e.g. ``"net.features.*"``; ``"name#k"`` for the k-th call of
+            a reused module); default: up to 4 convolutions spread over the depth, in
+            the order the input passes through them.
+        top_k: units (channels) shown per image and layer. The default shows up to 9 (fewer
+            on layers with fewer channels); an explicit value larger than a layer's channels
+            is an error.
+        every_n_epochs: log at the end of every this many training epochs (``None``: never).
+        method: ``"deconvnet"`` (default), ``"guided"`` (guided backpropagation) or
+            ``"saliency"`` (plain gradient).
+        every_n_steps: also log every this many optimizer steps (``trainer.global_step``).
+        num_probe: how many images to take from the data when ``probe`` is ``None``.
+        cell_px: side of one cell of the panel in pixels.
+
+    Raises:
+        ValueError: bad argument values (here); at ``setup``: an unknown layer (the
+            convolutions are listed), a model without convolutions, a probe that does
+            not fit the model; when training starts: no probe images in the data.
+
+    Example::
+
+        >>> from lightning_vis.callbacks import DeconvProjection
+        >>> DeconvProjection(layers="net.features.*", top_k=4)
+        DeconvProjection(layers=['net.features.*'], top_k=4, method='deconvnet', every_n_epochs=1, every_n_steps=None)
+    """
+
+    def __init__(
+        self,
+        probe: torch.Tensor | None = None,
+        layers: str | list[str] | None = None,
+        top_k: int = _DEFAULT_TOP_K,
+        every_n_epochs: int | None = 1,
+        method: str = "deconvnet",
+        every_n_steps: int | None = None,
+        *,
+        num_probe: int = 4,
+        cell_px: int = 48,
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"Invalid value for method={method!r}. Must be one of {', '.join(map(repr, METHODS))}")
+        check_every("top_k", top_k, allow_none=False)
+        check_every("num_probe", num_probe, allow_none=False)
+        if isinstance(cell_px, bool) or not isinstance(cell_px, int) or cell_px < 4:
+            raise ValueError(f"Invalid value for cell_px={cell_px!r}. Must be an int >= 4")
+        self.every_n_epochs = check_every("every_n_epochs", every_n_epochs)
+        self.every_n_steps = check_every("every_n_steps", every_n_steps)
+        if self.every_n_epochs is None and self.every_n_steps is None:
+            raise ValueError("DeconvProjection never logs with every_n_epochs=None and every_n_steps=None; set one")
+        self.layers = as_pattern_list(layers)
+        self.top_k = top_k
+        self.method = method
+        self.num_probe = num_probe
+        self.cell_px = cell_px
+        self._probe = self._check_probe(probe)
+        if self._probe is not None:
+            self._probe = self._probe.cpu()
+        self._user_probe = self._probe is not None
+        self._layer_names: list[str] | None = None
+        self._channels: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(layers={self.layers!r}, top_k={self.top_k}, method={self.method!r}, "
+            f"every_n_epochs={self.every_n_epochs}, every_n_steps={self.every_n_steps})"
+        )
+
+    def _config(self) -> dict:
+        return {"layers": self.layers, "method": self.method, "top_k": self.top_k}
+
+    @property
+    def layer_names(self) -> list[str] | None:
+        """The layers projected (resolved at setup, or when training starts for the default)."""
+        return self._layer_names
+
+    @property
+    def probe_images(self) -> torch.Tensor | None:
+        """The probe images (on the CPU), fixed for the run once chosen."""
+        return self._probe
+
+    # ------------------------------------------------------------------ validation
+    def _resolve(self, model: torch.nn.Module, convs: list[str]) -> list[str]:
+        modules = dict(model.named_modules())
+        names: list[str] = []
+        for pattern in self.layers or []:
+            base = _CALL.match(pattern)
+            if base and base["name"] in modules and base["name"]:  # "name#k": one call of a module
+                hits = [pattern]
+            elif pattern in modules and pattern and pattern not in convs:  # any module, by exact name
+                hits = [pattern]
+            else:
+                hits = resolve_layers(model, pattern, convs, what="convolutions")
+            names.extend(h for h in hits if h not in names)
+        return names
+
+    def _check_probe_fits(self, pl_module: Any, probe: torch.Tensor, convs: list[str]) -> list[str]:
+        """A forward pass of the probe; returns the convolutions in execution order."""
+        try:
+            with _eager_forward(unwrap_model(pl_module)):
+                order = execution_order(pl_module, probe[:1].to(pl_module.device), convs)
+        except RuntimeError as err:
+            raise ValueError(
+                f"DeconvProjection: probe of shape {tuple(probe.shape)} does not fit {type(pl_module).__name__}: {err}"
+            ) from err
+        if order:
+            first = dict(unwrap_model(pl_module).named_modules())[order[0]]
+            self._validate_probe_channels(pl_module, probe, first)
+        return order
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        model = unwrap_model(pl_module)
+        convs = list(conv_layers(model))
+        if not convs:
+            raise ValueError(f"DeconvProjection: {type(model).__name__} has no convolution (torch.nn.Conv1d/2d/3d)")
+        if self.layers is not None:
+            self._layer_names = self._resolve(model, convs)
+        if self._user_probe:
+            self._check_probe_fits(pl_module, self._probe, convs)
+        self._check_loggers(trainer)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        model = unwrap_model(pl_module)
+        convs = list(conv_layers(model))
+        if self._probe is None:
+            images = self._sample_images(trainer, pl_module, self.num_probe)
+            if images is None:
+                raise ValueError(
+                    "DeconvProjection: found no images [N, C, H, W] in the validation or training data; "
+                    "pass probe=<tensor of images>"
+                )
+            self._probe = images.detach().cpu()
+            order = self._check_probe_fits(pl_module, self._probe, convs)
+        elif self._layer_names is None:
+            with _eager_forward(model):
+                order = execution_order(pl_module, self._probe[:1].to(pl_module.device), convs)
+        if self._layer_names is None:
+            if not order:
+                raise ValueError(
+                    f"DeconvProjection: a forward pass of the probe called none of the convolutions "
+                    f"{_quote_list(convs)}; name the layers with layers=[...]"
+                )
+            self._layer_names = spread(order, _DEFAULT_LAYERS)
+        self._channels = self._count_channels(pl_module)
+        if self.top_k != _DEFAULT_TOP_K:  # an explicit top_k must fit; the default means "up to 9"
+            small = {layer: c for layer, c in self._channels.items() if c < self.top_k}
+            if small:
+                raise ValueError(
+                    f"Invalid value for top_k={self.top_k}: larger than the channels of "
+                    + ", ".join(f"{layer!r} ({c})" for layer, c in small.items())
+                    + f". Must be <= {min(small.values())} for these layers"
+                )
+
+    def _count_channels(self, pl_module: Any) -> dict[str, int]:
+        model = unwrap_model(pl_module)
+        x = self._probe[:1].to(pl_module.device)
+        counts = {}
+        with isolated(model), torch.no_grad():
+            for layer in self._layer_names:
+                counts[layer] = int(_forward_to(model, x, layer).shape[1])
+        return counts
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._step_due(trainer, self.every_n_steps):
+            self._run(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._epoch_due(trainer, self.every_n_epochs):
+            self._run(trainer, pl_module)
+
+    # ------------------------------------------------------------------ work
+    def _run(self, trainer: Any, pl_module: Any) -> None:
+        self._last_step = trainer.global_step
+        if not trainer.is_global_zero or not self._writers(trainer) or self._probe is None:
+            return
+        x = self._probe.to(pl_module.device)
+        for layer in self._layer_names or []:
+            top_k = min(self.top_k, self._channels.get(layer, self.top_k))
+            projection = project(pl_module, x, layer, top_k=top_k, method=self.method)
+            panel = render.projection_panel(self._probe, projection, cell_px=self.cell_px)
+            description = (
+                f"Top {top_k} units of `{layer}` per probe image, projected to pixel space with "
+                f"{projection.rule}. Each row: the image (receptive fields boxed), then per unit its "
+                "projection (zero = grey) beside the image patch under its receptive field."
+            )
+            self._log_described_image(trainer, f"deconv/{layer}", panel, description)
+
+    def _log_described_image(self, trainer: Any, tag: str, image: torch.Tensor, description: str) -> None:
+        """Like ``_log_image``, with a description TensorBoard shows next to the image."""
+        step = trainer.global_step
+        for writer in self._writers(trainer):
+            file_writer = getattr(writer, "_get_file_writer", None)
+            if file_writer is None or type(writer).__module__ != "torch.utils.tensorboard.writer":
+                writer.add_image(tag, image, global_step=step, dataformats="CHW")
+                continue
+            from torch.utils.tensorboard.summary import image as image_summary
+
+            summary = image_summary(tag, image, dataformats="CHW")
+            metadata = summary.value[0].metadata
+            metadata.display_name = tag
+            metadata.summary_description = description
+            metadata.plugin_data.plugin_name = "images"
+            file_writer().add_summary(summary, step)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "layer_names": self._layer_names, "probe": self._probe}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self._layer_names is None:
+            self._layer_names = state_dict.get("layer_names")
+        if self._probe is None and state_dict.get("probe") is not None:
+            self._probe = state_dict["probe"].detach().cpu()
