@@ -232,6 +232,8 @@ class ChannelStates:
         dead: never fired in the window.
         dying: flagged dying (not dead), hysteresis applied.
         saturated: at least ``saturation_fraction`` of outputs in the flat region (not dead).
+        nonfinite: the channel produced NaN or inf outputs: no decision is made for it
+            (NaN > 0 is False, so it would otherwise look dead).
     """
 
     rate: torch.Tensor
@@ -240,6 +242,7 @@ class ChannelStates:
     dead: torch.Tensor
     dying: torch.Tensor
     saturated: torch.Tensor
+    nonfinite: torch.Tensor
 
     @property
     def flagged(self) -> torch.Tensor:
@@ -248,7 +251,7 @@ class ChannelStates:
 
     @property
     def dead_fraction(self) -> float:
-        return float(self.dead.float().mean()) if self.dead.numel() else 0.0
+        return int(self.dead.sum()) / self.dead.numel() if self.dead.numel() else 0.0
 
 
 def classify_channels(
@@ -308,6 +311,8 @@ def classify_channels(
     fired = counts.fired.detach().double().cpu()
     rate = (fired / samples.clamp_min(1)).float()
     mean = counts.magnitude.detach().double().cpu() / elements.clamp_min(1)
+    nonfinite = ~torch.isfinite(mean)
+    mean = torch.where(nonfinite, torch.zeros_like(mean), mean)
     layer_mean = mean.mean()
     score = torch.where(layer_mean > 0, mean / layer_mean.clamp_min(1e-30), torch.zeros_like(mean)).float()
     sat = (counts.saturated.detach().double().cpu() / elements.clamp_min(1)).float()
@@ -318,8 +323,10 @@ def classify_channels(
         dying = (rate < dying_rate) | (score <= dormant)
         if previous is not None:
             dying = dying | (previous.cpu().bool() & (rate <= revive_rate))
-        dying = dying & ~dead
+        dead = dead & ~nonfinite
+        dying = dying & ~dead & ~nonfinite
     else:
         dead, dying = no.clone(), no.clone()
     saturated = (sat >= saturation) & ~dead if seen and counts.region is not None else no.clone()
-    return ChannelStates(rate=rate, score=score, saturation=sat, dead=dead, dying=dying, saturated=saturated)
+    return ChannelStates(rate=rate, score=score, saturation=sat, dead=dead, dying=dying, saturated=saturated,
+                         nonfinite=nonfinite)  # fmt: skip

@@ -121,7 +121,7 @@ def test_any_torchvision_cnn(tmp_path, arch):
     net = getattr(torchvision.models, arch)(weights=None, num_classes=4)
     module = make_module(net, n=8, size=32, batch_size=4)
     callbacks = most_frequent()
-    trainer(tmp_path, callbacks=callbacks, limit_train_batches=2, limit_val_batches=1).fit(module)
+    trainer(tmp_path, callbacks=callbacks, max_epochs=2, limit_train_batches=2, limit_val_batches=1).fit(module)
     events = read_events(tmp_path)
     # efficientnet (SiLU) and convnext (GELU) have no ReLU: the monitor says what it watches
     assert_everything_logged(events, dead=arch not in ("efficientnet_b0", "convnext_tiny"))

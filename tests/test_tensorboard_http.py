@@ -41,7 +41,9 @@ def _get(port: int, path: str, **params) -> bytes:
 @pytest.mark.slow
 def test_tensorboard_serves_every_callbacks_output(tmp_path):
     logdir = tmp_path / "runs"
-    run_demo(str(logdir), epochs=2, train_size=256, batch_size=16, enable_progress_bar=False)
+    callbacks = [vis.FilterGrid(every_n_steps=8), vis.DeconvProjection(top_k=4), vis.DeadNeuronMonitor(window=2),
+                 vis.FeatureEvolution(top_k=2)]  # fmt: skip
+    run_demo(str(logdir), epochs=2, train_size=256, batch_size=16, callbacks=callbacks, enable_progress_bar=False)
     port = _free_port()
     exe = shutil.which("tensorboard")
     cmd = [exe] if exe else [sys.executable, "-m", "tensorboard.main"]

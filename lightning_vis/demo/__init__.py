@@ -25,20 +25,25 @@ def demo_callbacks() -> list:
 def run_demo(
     logdir: str = "runs",
     *,
-    epochs: int = 8,
+    epochs: int = 12,
     train_size: int = 4096,
     batch_size: int = 64,
     seed: int = 0,
-    callbacks: bool = True,
+    callbacks: bool | list = True,
     extra_callbacks: list | None = None,
     **trainer_kwargs: Any,
 ) -> Any:
-    """Train the demo CNN; returns the Trainer. Prints the ``tensorboard`` line at the end."""
+    """Train the demo CNN; returns the Trainer. Prints the ``tensorboard`` line at the end.
+
+    ``callbacks``: ``True`` for every lightning_vis callback at its defaults, ``False``
+    for none, or a list of callbacks to use instead.
+    """
     pl = lightning_package()
     pl.seed_everything(seed, workers=True, verbose=False)
     model = DemoModule(train_size=train_size, batch_size=batch_size, seed=seed)
     logger = pl.loggers.TensorBoardLogger(logdir, name="demo")
-    cbs = (demo_callbacks() if callbacks else []) + list(extra_callbacks or [])
+    chosen = list(callbacks) if isinstance(callbacks, (list, tuple)) else demo_callbacks() if callbacks else []
+    cbs = chosen + list(extra_callbacks or [])
     trainer = pl.Trainer(
         max_epochs=epochs,
         logger=logger,
