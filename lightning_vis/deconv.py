@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lightning_vis.isolation import isolated
-from lightning_vis.layers import unwrap_model
+from lightning_vis.layers import eager_forward, unwrap_model
 from lightning_vis.sites import RECTIFIERS, ActivationCall, intercept_activations
 
 __all__ = ["METHODS", "Projection", "project"]
@@ -178,26 +177,6 @@ def _parse_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module, int]:
     return name, modules[name], index
 
 
-@contextmanager
-def _eager_forward(model: nn.Module) -> Iterator[None]:
-    """Run a LightningModule that Lightning compiled (``from_compiled``) with its eager forward.
-
-    Lightning replaces the instance's ``forward`` by the compiled one and keeps the
-    original in ``_compiler_ctx``; inside, the original is put back (the root module's
-    hooks still run, so every rectifier call is seen), and restored on exit.
-    """
-    ctx = model.__dict__.get("_compiler_ctx")
-    compiled = model.__dict__.get("forward")
-    if not isinstance(ctx, dict) or not callable(ctx.get("original_forward")) or compiled is None:
-        yield
-        return
-    model.forward = ctx["original_forward"]
-    try:
-        yield
-    finally:
-        model.forward = compiled
-
-
 def _forward_to(model: nn.Module, x: torch.Tensor, layer: str, forward=None, handler=None) -> torch.Tensor:
     """Run ``model`` on ``x`` until ``layer`` (``name`` or ``name#k``) has produced its output.
 
@@ -214,7 +193,7 @@ def _forward_to(model: nn.Module, x: torch.Tensor, layer: str, forward=None, han
             raise _Stop
         calls[0] += 1
 
-    with intercept_activations(model, handler), _eager_forward(model):
+    with intercept_activations(model, handler), eager_forward(model):
         handle = module.register_forward_hook(stop)
         try:
             (forward or model)(x)

@@ -9,7 +9,7 @@ raises a ``ValueError`` that lists the candidates.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 
 __all__ = [
     "conv_layers",
-    "forward_of",
+    "eager_forward",
     "execution_order",
     "first_conv",
     "resolve_layers",
@@ -45,22 +45,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def forward_of(model: nn.Module) -> Callable:
-    """The eager forward of ``model``: past ``torch.compile`` wrappers, including the one
-    Lightning installs on a compiled ``LightningModule`` (``_compiler_ctx``), so hooks and
-    function modes see every call.
+@contextmanager
+def eager_forward(model: nn.Module) -> Iterator[None]:
+    """Inside, a LightningModule that Lightning compiled runs its eager forward.
 
-    Example::
-
-        >>> net = nn.Linear(2, 2)
-        >>> forward_of(torch.compile(net)) is net
-        True
+    Lightning's ``from_compiled`` replaces the instance's ``forward`` by the compiled one
+    and keeps the original in ``_compiler_ctx``; inside this context the original is put
+    back (the root module's hooks still run, so hooks and function modes see every call),
+    and the compiled one is restored on exit. Any other module is left alone.
     """
-    model = unwrap_model(model)
     ctx = model.__dict__.get("_compiler_ctx")
-    if isinstance(ctx, dict) and callable(ctx.get("original_forward")):
-        return ctx["original_forward"]
-    return model.forward if "forward" in model.__dict__ else model
+    compiled = model.__dict__.get("forward")
+    if not isinstance(ctx, dict) or not callable(ctx.get("original_forward")) or compiled is None:
+        yield
+        return
+    model.forward = ctx["original_forward"]
+    try:
+        yield
+    finally:
+        model.forward = compiled
 
 
 def conv_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -195,7 +198,7 @@ def execution_order(
     model = unwrap_model(model)
     names = [n for n, _ in model.named_modules() if n] if names is None else list(names)
     order: list[str] = []
-    with isolated(model), torch.no_grad(), _record_calls(model, names, order):
+    with isolated(model), torch.no_grad(), eager_forward(model), _record_calls(model, names, order):
         (forward or model)(example)
     return order
 

@@ -261,6 +261,7 @@ def find_activation_sites(
         ['relu#0', 'forward#0', 'relu#1']
     """
     from lightning_vis.isolation import isolated
+    from lightning_vis.layers import eager_forward
 
     seen: list[tuple[SiteKey, str, tuple[int, ...], str | None]] = []
 
@@ -270,7 +271,7 @@ def find_activation_sites(
             seen.append((call.key, call.kind, tuple(out.shape), call.last_conv))
         return out
 
-    with isolated(model), torch.no_grad(), intercept_activations(model, record):
+    with isolated(model), torch.no_grad(), eager_forward(model), intercept_activations(model, record):
         (forward or model)(example)
     names = name_sites([k for k, *_ in seen])
     return [

@@ -1,6 +1,5 @@
 """FilterGrid in real Trainers: both Lightning packages, event files read back, invariants."""
 
-import warnings
 
 import pytest
 import torch

@@ -36,6 +36,30 @@ def _is_tensorboard(logger: Any) -> bool:
     return isinstance(logger, _TENSORBOARD_LOGGERS)
 
 
+def _image_summary(tag: str, image: torch.Tensor, description: str = "") -> Any:
+    """A TensorBoard image summary, PNG-encoded with fast compression (a third of the time
+    of the default level, for files about 10% larger)."""
+    import io
+
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+
+    hwc = image.detach().to(torch.uint8).cpu().permute(1, 2, 0).numpy()
+    if hwc.shape[2] == 1:
+        hwc = hwc[:, :, 0]
+    buffer = io.BytesIO()
+    Image.fromarray(hwc).save(buffer, format="PNG", compress_level=1)
+    encoded = Summary.Image(
+        height=image.shape[1], width=image.shape[2], colorspace=image.shape[0], encoded_image_string=buffer.getvalue()
+    )
+    metadata = SummaryMetadata(
+        display_name=tag,
+        summary_description=description,
+        plugin_data=SummaryMetadata.PluginData(plugin_name="images"),
+    )
+    return Summary(value=[Summary.Value(tag=tag, image=encoded, metadata=metadata)])
+
+
 def check_every(name: str, value: int | None, *, allow_none: bool = True) -> int | None:
     """Validate a cadence argument (``every_n_steps``, ``every_n_epochs``)."""
     if value is None and allow_none:
@@ -147,10 +171,21 @@ class _VisMonitor(*_CALLBACK_BASES):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
-    def _log_image(self, trainer: Any, tag: str, image: torch.Tensor, step: int | None = None) -> None:
+    def _log_image(
+        self, trainer: Any, tag: str, image: torch.Tensor, step: int | None = None, description: str = ""
+    ) -> None:
+        """A uint8 CHW image to every TensorBoard logger, with a description TensorBoard shows."""
         step = trainer.global_step if step is None else step
-        for writer in self._writers(trainer):
-            writer.add_image(tag, image, global_step=step, dataformats="CHW")
+        writers = self._writers(trainer)
+        if not writers:
+            return
+        summary = _image_summary(tag, image, description)
+        for writer in writers:
+            file_writer = getattr(writer, "_get_file_writer", None)
+            if callable(file_writer) and type(writer).__module__ == "torch.utils.tensorboard.writer":
+                file_writer().add_summary(summary, step)
+            else:  # tensorboardX and others: their own encoder
+                writer.add_image(tag, image, global_step=step, dataformats="CHW")
 
     def _log_text(self, trainer: Any, tag: str, text: str, step: int | None = None) -> None:
         step = trainer.global_step if step is None else step
@@ -161,6 +196,17 @@ class _VisMonitor(*_CALLBACK_BASES):
         step = trainer.global_step if step is None else step
         for writer in self._writers(trainer):
             writer.add_histogram(tag, values.detach().float().cpu(), global_step=step)
+
+    # ---------------------------------------------------------------- model
+    def _require_convs(self, pl_module: Any) -> tuple[Any, list[str]]:
+        """The eager model and its convolutions' names; a model without any fails here."""
+        from lightning_vis.layers import conv_layers, unwrap_model
+
+        model = unwrap_model(pl_module)
+        convs = list(conv_layers(model))
+        if not convs:
+            raise ValueError(f"{type(self).__name__}: {type(model).__name__} has no convolution (torch.nn.Conv1d/2d/3d)")
+        return model, convs
 
     # ---------------------------------------------------------------- probes
     @staticmethod

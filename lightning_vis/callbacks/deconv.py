@@ -8,7 +8,7 @@ import torch
 
 from lightning_vis import render
 from lightning_vis.callbacks._base import _VisMonitor, as_pattern_list, check_every, spread
-from lightning_vis.deconv import METHODS, _CALL, _eager_forward, _forward_to, project
+from lightning_vis.deconv import METHODS, _CALL, _forward_to, project
 from lightning_vis.isolation import isolated
 from lightning_vis.layers import _quote_list, conv_layers, execution_order, resolve_layers, unwrap_model
 
@@ -140,8 +140,7 @@ class DeconvProjection(_VisMonitor):
     def _check_probe_fits(self, pl_module: Any, probe: torch.Tensor, convs: list[str]) -> list[str]:
         """A forward pass of the probe; returns the convolutions in execution order."""
         try:
-            with _eager_forward(unwrap_model(pl_module)):
-                order = execution_order(pl_module, probe[:1].to(pl_module.device), convs)
+            order = execution_order(pl_module, probe[:1].to(pl_module.device), convs)
         except RuntimeError as err:
             raise ValueError(
                 f"DeconvProjection: probe of shape {tuple(probe.shape)} does not fit {type(pl_module).__name__}: {err}"
@@ -155,10 +154,7 @@ class DeconvProjection(_VisMonitor):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        model = unwrap_model(pl_module)
-        convs = list(conv_layers(model))
-        if not convs:
-            raise ValueError(f"DeconvProjection: {type(model).__name__} has no convolution (torch.nn.Conv1d/2d/3d)")
+        model, convs = self._require_convs(pl_module)
         if self.layers is not None:
             self._layer_names = self._resolve(model, convs)
         if self._user_probe:
@@ -178,8 +174,7 @@ class DeconvProjection(_VisMonitor):
             self._probe = images.detach().cpu()
             order = self._check_probe_fits(pl_module, self._probe, convs)
         elif self._layer_names is None:
-            with _eager_forward(model):
-                order = execution_order(pl_module, self._probe[:1].to(pl_module.device), convs)
+            order = execution_order(pl_module, self._probe[:1].to(pl_module.device), convs)
         if self._layer_names is None:
             if not order:
                 raise ValueError(
@@ -229,24 +224,7 @@ class DeconvProjection(_VisMonitor):
                 f"{projection.rule}. Each row: the image (receptive fields boxed), then per unit its "
                 "projection (zero = grey) beside the image patch under its receptive field."
             )
-            self._log_described_image(trainer, f"deconv/{layer}", panel, description)
-
-    def _log_described_image(self, trainer: Any, tag: str, image: torch.Tensor, description: str) -> None:
-        """Like ``_log_image``, with a description TensorBoard shows next to the image."""
-        step = trainer.global_step
-        for writer in self._writers(trainer):
-            file_writer = getattr(writer, "_get_file_writer", None)
-            if file_writer is None or type(writer).__module__ != "torch.utils.tensorboard.writer":
-                writer.add_image(tag, image, global_step=step, dataformats="CHW")
-                continue
-            from torch.utils.tensorboard.summary import image as image_summary
-
-            summary = image_summary(tag, image, dataformats="CHW")
-            metadata = summary.value[0].metadata
-            metadata.display_name = tag
-            metadata.summary_description = description
-            metadata.plugin_data.plugin_name = "images"
-            file_writer().add_summary(summary, step)
+            self._log_image(trainer, f"deconv/{layer}", panel, description=description)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -435,10 +435,7 @@ class FeatureEvolution(_VisMonitor):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        model = unwrap_model(pl_module)
-        convs = list(conv_layers(model))
-        if not convs:
-            raise ValueError(f"FeatureEvolution: {type(model).__name__} has no convolution (torch.nn.Conv1d/2d/3d)")
+        model, convs = self._require_convs(pl_module)
         if self.layer_patterns is not None:
             self._layers = resolve_layers(model, self.layer_patterns, convs, what="convolutions")
             self._check_top_k(model)

@@ -84,10 +84,7 @@ class FilterGrid(_VisMonitor):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        model = unwrap_model(pl_module)
-        convs = list(conv_layers(model))
-        if not convs:
-            raise ValueError(f"FilterGrid: {type(model).__name__} has no convolution (torch.nn.Conv1d/2d/3d)")
+        model, convs = self._require_convs(pl_module)
         if self.layer is not None:
             names = resolve_layers(model, self.layer, convs, what="convolutions")
             if len(names) > 1:
@@ -158,16 +155,22 @@ class FilterGrid(_VisMonitor):
                 "(sharded, e.g. by FSDP); filters are not drawn. Use DDP, or FSDP with full state on rank 0.",
             )
             return
+        dead = sorted(self._dead_filters(trainer))
         with torch.no_grad():
             grid = render.filter_grid(
                 weight,
                 normalize=self.normalize,
-                dead=sorted(self._dead_filters(trainer)),
+                dead=dead,
                 cell_px=self.cell_px,
                 max_filters=self.max_filters,
                 max_inputs=self.max_inputs,
             )
-        self._log_image(trainer, f"filters/{self._layer_name}", grid)
+        scale = "each filter scaled to its own range" if self.normalize == "filter" else "one scale for the layer"
+        description = (
+            f"Filters of `{self._layer_name}` (weight {tuple(weight.shape)}), {scale}. "
+            f"Red frame: dead (never firing, per DeadNeuronMonitor, or zero weight norm); marked now: {dead or 'none'}"
+        )
+        self._log_image(trainer, f"filters/{self._layer_name}", grid, description=description)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "layer_name": self._layer_name}
