@@ -14,7 +14,8 @@ Run::
 
     python examples/dying_relu.py --logdir runs
     python examples/dying_relu.py --logdir runs --lr 0.05   # the same net, healthy
-    tensorboard --logdir runs      # dead/total, dead/<site>, dead/activity, dead/alert
+    tensorboard --logdir runs      # dead/total, dead/<site>, dead/activity, dead/alert, and
+                                   # filters/net.features.3 with the dead filters framed in red
 
 (At ``--lr 0.3`` and above this network diverges to NaN within ~40 steps instead; the
 monitor then warns that the activations are not finite rather than calling them dead.)
@@ -28,7 +29,7 @@ import warnings
 
 import torch
 
-from lightning_vis.callbacks import DeadNeuronMonitor
+from lightning_vis.callbacks import DeadNeuronMonitor, FilterGrid
 from lightning_vis.demo import DemoModule
 from lightning_vis.demo.model import lightning_package
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     trace = LossTrace()
     table = WindowTable(monitor, trace)
     trainer = pl.Trainer(
-        max_epochs=args.epochs, accelerator="cpu", deterministic=True, callbacks=[monitor, trace, table],
+        max_epochs=args.epochs, accelerator="cpu", deterministic=True, callbacks=[monitor, FilterGrid(layer="net.features.3", every_n_steps=32), trace, table],
         logger=pl.loggers.TensorBoardLogger(args.logdir, name="dying_relu"), log_every_n_steps=10,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip

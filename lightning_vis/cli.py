@@ -30,8 +30,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from lightning_vis.demo import run_demo
 
-        if args.epochs < 1:
-            print(f"lightning-vis: --epochs must be >= 1, got {args.epochs}", file=sys.stderr)
+        for flag, value, least in (("--epochs", args.epochs, 1), ("--train-size", args.train_size, 64),
+                                   ("--batch-size", args.batch_size, 1)):  # fmt: skip
+            if value < least:
+                print(f"lightning-vis: {flag} must be >= {least}, got {value}", file=sys.stderr)
+                return 2
+        if args.batch_size > args.train_size:
+            print(f"lightning-vis: --batch-size ({args.batch_size}) must not exceed --train-size "
+                  f"({args.train_size})", file=sys.stderr)  # fmt: skip
             return 2
         run_demo(
             logdir=args.logdir,

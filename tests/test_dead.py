@@ -415,3 +415,13 @@ def test_activity_heatmap_marks_dead_channels_in_red():
         render.activity_heatmap({"a": torch.ones(2)}, floor=0)
     with pytest.raises(ValueError, match="Unknown colour map cmap='nope'"):
         render.activity_heatmap({"a": torch.ones(2)}, cmap="nope")
+
+
+def test_short_run_without_a_complete_window_says_so(tmp_path):
+    monitor = DeadNeuronMonitor(every_n_steps=1, window=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, callbacks=[monitor], limit_train_batches=3).fit(make_module(small_cnn()))
+    said = [str(w.message) for w in caught if "before the first window was complete" in str(w.message)]
+    assert len(said) == 1 and "3 of 100 sampled batches" in said[0]
+    assert monitor.windows_completed == 0

@@ -291,6 +291,14 @@ class DeadNeuronMonitor(_VisMonitor):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._exit()
+        if self.windows_completed == 0 and self._window_size:
+            self._warn_once(
+                "no-window",
+                f"DeadNeuronMonitor: training ended before the first window was complete "
+                f"({self._window_batches} of {self._window_size} sampled batches, one every {self.every_n_steps} "
+                "steps), so nothing was decided or logged. Pass a smaller window= or every_n_steps= "
+                "for short runs.",
+            )
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._exit()

@@ -58,7 +58,8 @@ def run_demo(
     trainer.fit(model)
     took = time.perf_counter() - start
     if trainer.is_global_zero:
-        print(f"\nTrained {epochs} epochs in {took:.0f} s; logs in {os.path.abspath(logger.log_dir)}")
+        print(f"\nTrained {epochs} epoch{'s' * (epochs != 1)} in {took:.0f} s; logs in {os.path.abspath(logger.log_dir)}")
         print("Look at it with:\n")
         print(f"    tensorboard --logdir {logdir}\n")
+        print("(add --samples_per_plugin images=100 to step through every logged image)")
     return trainer
