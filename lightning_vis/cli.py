@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--logdir", default="runs", help="TensorBoard log directory (default: runs)")
     demo.add_argument("--epochs", type=int, default=12, help="training epochs (default: 12)")
-    demo.add_argument("--train-size", type=int, default=8192, help="generated training images (default: 8192)")
+    demo.add_argument("--train-size", type=int, default=16384, help="generated training images (default: 16384)")
     demo.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--no-callbacks", action="store_true", help="train without the lightning_vis callbacks")

@@ -54,7 +54,8 @@ class DeconvProjection(_VisMonitor):
             ``"saliency"`` (plain gradient).
         every_n_steps: also log every this many optimizer steps (``trainer.global_step``).
         num_probe: how many images to take from the data when ``probe`` is ``None``.
-        cell_px: side of one cell of the panel in pixels.
+        cell_px: side of one cell of the panel in pixels; default: the probe's image size,
+            kept within 32–64 (32-px images are drawn 1:1, large ones shrunk).
 
     Raises:
         ValueError: bad argument values (here); at ``setup``: an unknown layer (the
@@ -78,15 +79,15 @@ class DeconvProjection(_VisMonitor):
         every_n_steps: int | None = None,
         *,
         num_probe: int = 4,
-        cell_px: int = 48,
+        cell_px: int | None = None,
     ) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"Invalid value for method={method!r}. Must be one of {', '.join(map(repr, METHODS))}")
         check_every("top_k", top_k, allow_none=False)
         check_every("num_probe", num_probe, allow_none=False)
-        if isinstance(cell_px, bool) or not isinstance(cell_px, int) or cell_px < 4:
-            raise ValueError(f"Invalid value for cell_px={cell_px!r}. Must be an int >= 4")
+        if cell_px is not None and (isinstance(cell_px, bool) or not isinstance(cell_px, int) or cell_px < 4):
+            raise ValueError(f"Invalid value for cell_px={cell_px!r}. Must be an int >= 4 or None")
         self.every_n_epochs = check_every("every_n_epochs", every_n_epochs)
         self.every_n_steps = check_every("every_n_steps", every_n_steps)
         if self.every_n_epochs is None and self.every_n_steps is None:
@@ -218,7 +219,8 @@ class DeconvProjection(_VisMonitor):
         for layer in self._layer_names or []:
             top_k = min(self.top_k, self._channels.get(layer, self.top_k))
             projection = project(pl_module, x, layer, top_k=top_k, method=self.method)
-            panel = render.projection_panel(self._probe, projection, cell_px=self.cell_px)
+            cell = self.cell_px or min(64, max(32, self._probe.shape[-1]))
+            panel = render.projection_panel(self._probe, projection, cell_px=cell)
             description = (
                 f"Top {top_k} units of `{layer}` per probe image, projected to pixel space with "
                 f"{projection.rule}. Each row: the image (receptive fields boxed), then per unit its "

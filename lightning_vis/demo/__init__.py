@@ -26,7 +26,7 @@ def run_demo(
     logdir: str = "runs",
     *,
     epochs: int = 12,
-    train_size: int = 8192,
+    train_size: int = 16384,
     batch_size: int = 64,
     seed: int = 0,
     callbacks: bool | list = True,

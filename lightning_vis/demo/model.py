@@ -69,7 +69,7 @@ class DemoModule(_pl.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         batch_size: int = 64,
-        train_size: int = 8192,
+        train_size: int = 16384,
         val_size: int = 512,
         image_size: int = 32,
         batchnorm: bool = True,
