@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.multiprocessing.spawn import ProcessExitedException
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_vis.callbacks import DeadNeuronMonitor
@@ -62,8 +63,7 @@ class Report(lib.Callback):
                        "windows": m.windows_completed, "alerts": m.alerts}, f)  # fmt: skip
 
 
-@pytest.mark.slow
-def test_counts_summed_over_ranks_and_only_rank_zero_writes(tmp_path):
+def _fit(tmp_path):
     monitor = DeadNeuronMonitor(every_n_steps=1, window=2, alert_fraction=0.2)
     trainer = lib.Trainer(
         strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=1, deterministic=True,
@@ -74,6 +74,21 @@ def test_counts_summed_over_ranks_and_only_rank_zero_writes(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(SplitData())
+
+
+@pytest.mark.slow
+def test_counts_summed_over_ranks_and_only_rank_zero_writes(tmp_path):
+    try:
+        _fit(tmp_path)
+    except ProcessExitedException as err:
+        # Seen about 1 run in 4 after the rest of the suite: a spawned child aborts while
+        # starting (SIGABRT, before any of our code runs). Retry once in a fresh folder; the
+        # assertions below are unchanged.
+        if "SIGABRT" not in str(err):
+            raise
+        tmp_path = tmp_path / "retry"
+        tmp_path.mkdir()
+        _fit(tmp_path)
     reports = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert reports[0] == reports[1]  # decided on the same summed counts on every rank
     report = reports[0]
