@@ -114,8 +114,8 @@ class _Rectified(torch.autograd.Function):
         return out, None, None
 
 
-class _RectifiedInplace(torch.autograd.Function):
-    """In-place variant (``nn.ReLU(inplace=True)``, ``x.relu_()``): marks ``x`` dirty."""
+class _RectifiedInplace(_Rectified):
+    """In-place variant (``nn.ReLU(inplace=True)``, ``x.relu_()``): marks ``x`` dirty; same backward."""
 
     @staticmethod
     def forward(ctx, x, call, guided):
@@ -125,14 +125,6 @@ class _RectifiedInplace(torch.autograd.Function):
         call.run()  # modifies x in place
         ctx.mark_dirty(x)
         return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        out = grad.clamp(min=0)
-        if ctx.guided:
-            (slope,) = ctx.saved_tensors
-            out = out * slope
-        return out, None, None
 
 
 def _rule_handler(method: str, sizes: list[int] | None = None):

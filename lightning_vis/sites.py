@@ -126,12 +126,16 @@ def _classify(func: Callable, args: tuple, kwargs: dict) -> tuple[str, bool] | N
             inplace = bool(kwargs["inplace"])
         elif len(args) > inplace_pos:
             inplace = bool(args[inplace_pos])
-    if kind == "hardtanh":
-        lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
-        hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
-        if lo == 0.0 and hi == 6.0:
-            kind = "relu6"
+    if kind == "hardtanh" and hardtanh_bounds(args, kwargs) == (0.0, 6.0):
+        kind = "relu6"
     return kind, inplace
+
+
+def hardtanh_bounds(args: tuple, kwargs: dict) -> tuple[float, float]:
+    """The ``(min_val, max_val)`` of a ``F.hardtanh`` call (defaults ``-1, 1``)."""
+    lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+    hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+    return float(lo), float(hi)
 
 
 class _Interceptor(TorchFunctionMode):

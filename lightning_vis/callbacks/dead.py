@@ -11,7 +11,14 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from lightning_vis import render
 from lightning_vis.callbacks._base import _VisMonitor, as_pattern_list, check_every
 from lightning_vis.layers import conv_layers, resolve_layers, unwrap_model
-from lightning_vis.sites import ActivationCall, Site, find_activation_sites, intercept_activations, name_sites
+from lightning_vis.sites import (
+    ActivationCall,
+    Site,
+    find_activation_sites,
+    hardtanh_bounds,
+    intercept_activations,
+    name_sites,
+)
 from lightning_vis.stats import (
     ActivityCounts,
     ChannelStates,
@@ -33,13 +40,6 @@ def _fraction(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"Invalid value for {name}={value!r}. Must be a number in [0, 1)")
     return float(value)
-
-
-def _hardtanh_bounds(call: ActivationCall) -> tuple[float, float]:
-    args, kwargs = call.args, call.kwargs
-    lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
-    hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
-    return float(lo), float(hi)
 
 
 def _listed(channels: list[int]) -> str:
@@ -331,7 +331,7 @@ class DeadNeuronMonitor(_VisMonitor):
             )
             return out
         if counts.kind == "hardtanh":
-            counts.region = flat_region("hardtanh", *_hardtanh_bounds(call))
+            counts.region = flat_region("hardtanh", *hardtanh_bounds(call.args, call.kwargs))
         update_activity(counts, out)
         if self._batch_size is None:
             self._batch_size = int(out.shape[0])
