@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -262,6 +262,7 @@ def project(
     channels: Sequence[int] | torch.Tensor | None = None,
     method: str = "deconvnet",
     max_rows: int | None = None,
+    forward: Callable[[torch.Tensor], object] | None = None,
 ) -> Projection:
     """Project the top-k units of ``layer`` back to pixel space (DeconvNet, guided, saliency).
 
@@ -314,6 +315,8 @@ def project(
         max_rows: at most this many backward rows at once (each row holds one unit of
             every image); default: as many as fit in about 2**26 elements of backward
             signal (4 × the largest activation map per row).
+        forward: how to run ``model`` on the images (default ``model(images)``), e.g.
+            for a ``forward`` that takes more arguments than the images.
 
     Returns:
         A :class:`Projection` (``images [N, K, C, H, W]``, ``channels [N, K]``,
@@ -360,7 +363,7 @@ def project(
     with isolated(model):
         x = images.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
         try:
-            act = _forward_to(model, x, layer, handler=_rule_handler(method, sizes))
+            act = _forward_to(model, x, layer, forward=forward, handler=_rule_handler(method, sizes))
         except RuntimeError as err:
             raise ValueError(
                 f"The forward pass of {type(model).__name__} on images of shape {tuple(images.shape)} "

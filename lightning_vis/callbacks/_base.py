@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import weakref
+from dataclasses import dataclass
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -96,15 +97,202 @@ def _flatten_loaders(loaders: Any) -> list:
     return [loaders]
 
 
+def find_labels(batch: Any, n: int | None = None) -> torch.Tensor | None:
+    """The class labels of a batch: the first integer tensor ``[N]`` beside the images.
+
+    Mappings are searched under ``label``/``labels``/``target``/``targets``/``y`` first.
+    ``n``: the batch size the labels must have (default: any).
+
+    Example::
+
+        >>> find_labels((torch.zeros(2, 3, 4, 4), torch.tensor([1, 0])))
+        tensor([1, 0])
+        >>> find_labels({"image": torch.zeros(2, 3, 4, 4)}) is None
+        True
+    """
+
+    def fits(t: Any) -> bool:
+        return (
+            isinstance(t, torch.Tensor)
+            and t.ndim == 1
+            and not t.is_floating_point()
+            and not t.is_complex()
+            and t.dtype != torch.bool
+            and (n is None or t.shape[0] == n)
+        )
+
+    if fits(batch):
+        return batch
+    if isinstance(batch, Mapping):
+        preferred = [k for k in ("label", "labels", "target", "targets", "y", "class", "classes") if k in batch]
+        batch = [batch[k] for k in preferred] + [v for k, v in batch.items() if k not in preferred]
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            if isinstance(item, (list, tuple, Mapping)) or fits(item):
+                found = find_labels(item, n)
+                if found is not None:
+                    return found
+    return None
+
+
+def _names_of(obj: Any) -> list[str] | None:
+    for attr in ("class_names", "classes"):
+        names = getattr(obj, attr, None)
+        if isinstance(names, Mapping):  # {index: name} or {name: index}
+            items = list(names.items())
+            if items and all(isinstance(k, int) for k, _ in items):
+                names = [str(v) for _, v in sorted(items)]
+            elif items and all(isinstance(v, int) for _, v in items):
+                names = [str(k) for k, _ in sorted(items, key=lambda kv: kv[1])]
+        if isinstance(names, (list, tuple)) and names and all(isinstance(x, str) for x in names):
+            return list(names)
+    return None
+
+
+def class_names(trainer: Any, pl_module: Any = None) -> list[str] | None:
+    """Class names where the data exposes them (``classes`` or ``class_names``).
+
+    Looked up on the LightningModule, the Trainer's datamodule, then the datasets of the
+    validation and training dataloaders (through ``Subset``-style ``.dataset`` wrappers).
+    """
+    candidates = [pl_module, getattr(trainer, "datamodule", None)]
+    loaders = _flatten_loaders(getattr(trainer, "val_dataloaders", None))
+    loaders += _flatten_loaders(getattr(trainer, "train_dataloader", None))
+    for loader in loaders:
+        dataset = getattr(loader, "dataset", None)
+        for _ in range(4):
+            if dataset is None:
+                break
+            candidates.append(dataset)
+            dataset = getattr(dataset, "dataset", None)
+    for obj in candidates:
+        if obj is not None:
+            names = _names_of(obj)
+            if names:
+                return names
+    return None
+
+
 def _first_batch(loader: Any, n: int) -> Any:
-    """The first ``n`` samples of a loader's dataset, collated, without touching its iterator."""
+    """The first ``n`` samples of a loader, collated.
+
+    Map-style datasets are indexed directly (the loader's iterator and sampler are not
+    touched); iterable datasets, and datasets whose ``__getitem__`` is not implemented,
+    give the loader's first batch.
+    """
+    from torch.utils.data import IterableDataset
+
     dataset = getattr(loader, "dataset", None)
     collate = getattr(loader, "collate_fn", None)
-    if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and collate:
-        size = min(n, len(dataset))
-        if size:
-            return collate([dataset[i] for i in range(size)])
+    if (
+        dataset is not None
+        and not isinstance(dataset, IterableDataset)
+        and hasattr(dataset, "__getitem__")
+        and hasattr(dataset, "__len__")
+        and collate
+    ):
+        try:
+            size = min(n, len(dataset))
+            if size:
+                return collate([dataset[i] for i in range(size)])
+        except (NotImplementedError, KeyError, IndexError, TypeError, AttributeError):
+            pass  # not indexable after all: fall back to the loader's own iteration
     return next(iter(loader))
+
+
+@dataclass
+class ProbeBatch:
+    """Probe images (CPU, as the data gives them) and their labels when the data has some."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+def model_dtype(pl_module: Any) -> torch.dtype | None:
+    """The floating dtype of the model's parameters (``None`` without float parameters)."""
+    for p in pl_module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def to_model(pl_module: Any, images: torch.Tensor) -> torch.Tensor:
+    """``images`` on the model's device, cast to its floating dtype (``bf16-true`` etc.)."""
+    param = next(iter(pl_module.parameters()), None)
+    device = param.device if param is not None else getattr(pl_module, "device", images.device)
+    dtype = model_dtype(pl_module) or images.dtype
+    return images.detach().to(device=device, dtype=dtype)
+
+
+class _ForwardCall:
+    """How the LightningModule's ``forward`` was called on the first training batch.
+
+    Used when ``forward`` needs more than a tensor of images (``forward(x, scale)``):
+    probe passes replace the images in that call and keep the other arguments (tensors
+    with the batch's leading size are cut or repeated to the probe's size).
+    """
+
+    def __init__(self) -> None:
+        self.args: tuple | None = None
+        self.kwargs: dict = {}
+        self.position: int | str | None = None
+        self.batch_size = 0
+        self._handle = None
+
+    @property
+    def recorded(self) -> bool:
+        return self.args is not None
+
+    def arm(self, pl_module: Any) -> None:
+        if self._handle is not None or self.recorded:
+            return
+        self._handle = pl_module.register_forward_hook(self._record, with_kwargs=True)
+
+    def disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _record(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        if not module.training:  # a probe pass (eval mode), not the training step's own call
+            return
+        slots = [(i, a) for i, a in enumerate(args)] + list(kwargs.items())
+        for key, value in slots:
+            if isinstance(value, torch.Tensor) and value.ndim == 4 and value.is_floating_point():
+                self.position, self.batch_size = key, value.shape[0]
+                self.args = tuple(_detached(a) for a in args)
+                self.kwargs = {k: _detached(v) for k, v in kwargs.items()}
+                self.disarm()
+                return
+
+    def __call__(self, pl_module: Any, images: torch.Tensor) -> Any:
+        n = images.shape[0]
+
+        def fit(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == self.batch_size:
+                reps = -(-n // max(1, value.shape[0]))
+                return value.repeat(reps, *([1] * (value.ndim - 1)))[:n]
+            return value
+
+        args = [fit(a) for a in self.args]
+        kwargs = {k: fit(v) for k, v in self.kwargs.items()}
+        if isinstance(self.position, int):
+            args[self.position] = images
+        else:
+            kwargs[self.position] = images
+        return pl_module(*args, **kwargs)
+
+
+def _detached(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+#: One recorded forward call per LightningModule, shared by all our callbacks.
+_FORWARD_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class ProbeError(ValueError):
+    """A probe that cannot be run through the model (a ``ValueError``)."""
 
 
 class _VisMonitor(*_CALLBACK_BASES):
@@ -209,14 +397,17 @@ class _VisMonitor(*_CALLBACK_BASES):
         return model, convs
 
     # ---------------------------------------------------------------- probes
+    # One probe policy for every callback: take the user's probe or sample the data
+    # (``_take_probe``), move and cast it to the model (``_to_model``), run it the way
+    # training runs the model (``_forward_fn``, checked by ``_probe_runs``).
     @staticmethod
-    def _sample_images(trainer: Any, pl_module: Any, n: int) -> torch.Tensor | None:
-        """The first ``n`` images of the validation data, else of the training data.
+    def _sample_batch(trainer: Any, pl_module: Any, n: int) -> ProbeBatch | None:
+        """The first ``n`` images (and labels) of the validation data, else of the training data.
 
-        Reads the loaders' datasets directly (their iterators and samplers are not
-        touched) and applies the module's batch-transfer hooks; RNG states are restored,
-        so random augmentations in the dataset do not shift the run. Identical on every
-        rank. ``None`` when no images can be found.
+        Map-style datasets are read directly (their loaders' iterators and samplers are
+        not touched); the module's batch-transfer hooks are applied; RNG states are
+        restored, so random augmentations in the dataset do not shift the run. Identical
+        on every rank. ``None`` when no images can be found.
         """
         loaders = _flatten_loaders(getattr(trainer, "val_dataloaders", None))
         loaders += _flatten_loaders(getattr(trainer, "train_dataloader", None))
@@ -224,15 +415,113 @@ class _VisMonitor(*_CALLBACK_BASES):
             with preserved_rng(), torch.no_grad():
                 try:
                     batch = _first_batch(loader, n)
-                except (StopIteration, TypeError, IndexError):
+                except (StopIteration, TypeError, IndexError, NotImplementedError, KeyError):
                     continue
                 batch = pl_module.on_before_batch_transfer(batch, 0)
                 batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
                 batch = pl_module.on_after_batch_transfer(batch, 0)
             images = find_images(batch)
             if images is not None:
-                return images[:n].detach().clone()
+                labels = find_labels(batch, images.shape[0])
+                return ProbeBatch(
+                    images[:n].detach().cpu().clone(),
+                    None if labels is None else labels[:n].detach().cpu().clone(),
+                )
         return None
+
+    @classmethod
+    def _sample_images(cls, trainer: Any, pl_module: Any, n: int) -> torch.Tensor | None:
+        """The images of :meth:`_sample_batch` (``None`` when the data has none)."""
+        found = cls._sample_batch(trainer, pl_module, n)
+        return None if found is None else found.images
+
+    def _take_probe(self, trainer: Any, pl_module: Any, probe: torch.Tensor | None, n: int) -> ProbeBatch:
+        """The user's probe, else the first ``n`` images of the data; an error naming the callback."""
+        if probe is not None:
+            return ProbeBatch(probe.detach().cpu())
+        found = self._sample_batch(trainer, pl_module, n)
+        if found is None:
+            raise ValueError(
+                f"{type(self).__name__}: found no images [N, C, H, W] in the validation or training data; "
+                "pass probe=<tensor of images>"
+            )
+        return found
+
+    _to_model = staticmethod(to_model)
+
+    @staticmethod
+    def _forward_fn(pl_module: Any) -> Any:
+        """A callable ``images -> output`` that runs the LightningModule as training does.
+
+        ``pl_module(images)``, or, for a ``forward`` that needs more than images, the
+        first training batch's own call with the images replaced (see ``_probe_runs``).
+        """
+        call = _FORWARD_CALLS.get(pl_module)
+        if call is not None and call.recorded:
+            return lambda images: call(pl_module, images)
+        return pl_module
+
+    def _forward_pending(self, pl_module: Any) -> bool:
+        """True while the probe forward waits for the first training batch's call."""
+        call = _FORWARD_CALLS.get(pl_module)
+        return call is not None and not call.recorded
+
+    def _probe_runs(self, pl_module: Any, images: torch.Tensor, *, final: bool = False) -> bool:
+        """Check that probe images run through the model; False: wait for the first training batch.
+
+        Runs two images under :func:`~lightning_vis.isolation.isolated`. A ``forward``
+        that does not take a bare image tensor (``TypeError``) arms a recorder of the
+        first training forward call (shared by all our callbacks) and returns False;
+        anything else that fails raises :class:`ProbeError` naming the probe's shape,
+        dtype and the model. ``final=True`` (after the first training batch): a forward
+        that still cannot be run is an error.
+        """
+        from lightning_vis.isolation import isolated
+        from lightning_vis.layers import eager_forward, unwrap_model
+
+        x = to_model(pl_module, images[:2])
+        forward = self._forward_fn(pl_module)
+        try:
+            with isolated(unwrap_model(pl_module)), torch.no_grad(), eager_forward(unwrap_model(pl_module)):
+                forward(x)
+            return True
+        except (TypeError, NotImplementedError) as err:
+            if forward is not pl_module or final:
+                hint = (
+                    f" (and the first training batch did not call {type(pl_module).__name__}.forward either)"
+                    if final
+                    else ""
+                )
+                raise ProbeError(self._probe_message(pl_module, images, err) + hint) from err
+            _FORWARD_CALLS.setdefault(pl_module, _ForwardCall()).arm(pl_module)
+            self._warn_once(
+                "forward-call",
+                f"{type(self).__name__}: {type(pl_module).__name__}.forward does not take a bare image tensor "
+                f"({err}); probe passes will reuse the first training batch's forward call with the images "
+                "replaced.",
+            )
+            return False
+        except (RuntimeError, ValueError, IndexError) as err:
+            raise ProbeError(self._probe_message(pl_module, images, err)) from err
+
+    def _probe_message(self, pl_module: Any, images: torch.Tensor, err: BaseException) -> str:
+        return (
+            f"{type(self).__name__}: probe of shape {tuple(images.shape)} does not fit {type(pl_module).__name__} "
+            f"(run as {model_dtype(pl_module)} on {to_model(pl_module, images[:1]).device}): "
+            f"{type(err).__name__}: {err}"
+        )
+
+    @staticmethod
+    def _release_forward(pl_module: Any) -> None:
+        call = _FORWARD_CALLS.get(pl_module)
+        if call is not None:
+            call.disarm()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._release_forward(pl_module)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._release_forward(pl_module)
 
     @staticmethod
     def _check_probe(probe: torch.Tensor | None) -> torch.Tensor | None:
@@ -245,15 +534,6 @@ class _VisMonitor(*_CALLBACK_BASES):
         if probe.ndim != 4 or probe.shape[0] < 1:
             raise ValueError(f"probe must have shape [N, C, H, W] with N >= 1, got {tuple(probe.shape)}")
         return probe.detach().clone()
-
-    @staticmethod
-    def _validate_probe_channels(pl_module: Any, probe: torch.Tensor, first_conv: Any) -> None:
-        expected = getattr(first_conv, "in_channels", None)
-        if expected is not None and probe.shape[1] != expected:
-            raise ValueError(
-                f"probe has {probe.shape[1]} channels but the model's first convolution expects {expected} "
-                f"(probe shape {tuple(probe.shape)})"
-            )
 
     # ---------------------------------------------------------------- state
     def _config(self) -> dict:
@@ -293,8 +573,14 @@ def spread(names: Sequence[str], k: int) -> list[str]:
 
         >>> spread(["a", "b", "c", "d", "e", "f", "g"], 4)
         ['a', 'c', 'e', 'g']
+        >>> spread(["a", "b", "c"], 1)  # one name: the deepest
+        ['c']
     """
+    if k < 1:
+        raise ValueError(f"Invalid value for k={k}. Must be >= 1")
     if len(names) <= k:
         return list(names)
+    if k == 1:
+        return [names[-1]]
     idx = sorted({round(i * (len(names) - 1) / (k - 1)) for i in range(k)})
     return [names[i] for i in idx]

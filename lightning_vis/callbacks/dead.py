@@ -20,11 +20,11 @@ from lightning_vis.sites import (
     name_sites,
 )
 from lightning_vis.stats import (
+    ActivityAccumulator,
     ActivityCounts,
     ChannelStates,
     classify_channels,
     flat_region,
-    update_activity,
     watches_firing,
 )
 
@@ -183,6 +183,7 @@ class DeadNeuronMonitor(_VisMonitor):
         self._batch_size: int | None = None
         self._conv_channels: dict[str, int] = {}
         self._counting_batch = False
+        self._acc = ActivityAccumulator()
 
     def __repr__(self) -> str:
         return (
@@ -239,11 +240,10 @@ class DeadNeuronMonitor(_VisMonitor):
         }
         example = self._sample_images(trainer, pl_module, 2)
         sites = None
-        if example is not None:
-            try:
-                sites = find_activation_sites(root, example)
-            except Exception:  # the model does not take a bare image tensor: watch the first batch
-                sites = None
+        if example is not None and self._probe_runs(pl_module, example):
+            sites = find_activation_sites(
+                root, self._to_model(pl_module, example), forward=self._forward_fn(pl_module)
+            )
         if sites is None:
             self._discovering = True
             return
@@ -287,6 +287,7 @@ class DeadNeuronMonitor(_VisMonitor):
             self._end_window(trainer)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
         self._exit()
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -301,6 +302,7 @@ class DeadNeuronMonitor(_VisMonitor):
             )
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._exit()
         self._root = None
 
@@ -309,6 +311,7 @@ class DeadNeuronMonitor(_VisMonitor):
         ctx, self._ctx = self._ctx, None
         if ctx is not None:
             ctx.__exit__(None, None, None)
+        self._acc.flush()
 
     def _handle(self, call: ActivationCall) -> torch.Tensor:
         out = call.run()
@@ -332,7 +335,7 @@ class DeadNeuronMonitor(_VisMonitor):
             return out
         if counts.kind == "hardtanh":
             counts.region = flat_region("hardtanh", *hardtanh_bounds(call.args, call.kwargs))
-        update_activity(counts, out)
+        self._acc.add(counts, out)  # reduced now; the counters are updated once per forward (_exit)
         if self._batch_size is None:
             self._batch_size = int(out.shape[0])
         return out

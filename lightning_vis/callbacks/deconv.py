@@ -25,9 +25,9 @@ class DeconvProjection(_VisMonitor):
     Zeiler & Fergus (2014), Fig. 2, live: for each probe image and each chosen layer, the
     ``top_k`` channels with the strongest activation are projected to pixel space by
     :func:`lightning_vis.project` (one forward to the layer and one batched backward per
-    layer) and drawn by :func:`lightning_vis.render.projection_panel`: per image a row
-    with the image (each unit's receptive field boxed) and, per unit, its projection
-    beside the image patch under its receptive field. The projections run under
+    layer) and drawn by :func:`lightning_vis.render.projection_panel`: per image a block
+    with the image (each unit's receptive field boxed) and a grid of its units, each
+    unit's projection beside the image patch under its receptive field. The projections run under
     :func:`~lightning_vis.isolation.isolated` (eval mode, no autocast, modes, buffers,
     ``.grad`` and RNG states restored), so training is unchanged bit for bit. Only global
     rank 0 computes and writes.
@@ -54,8 +54,8 @@ class DeconvProjection(_VisMonitor):
             ``"saliency"`` (plain gradient).
         every_n_steps: also log every this many optimizer steps (``trainer.global_step``).
         num_probe: how many images to take from the data when ``probe`` is ``None``.
-        cell_px: side of one cell of the panel in pixels; default: the probe's image size,
-            kept within 32–64 (32-px images are drawn 1:1, large ones shrunk).
+        cell_px: side of one cell of the panel in pixels; default: the largest cell (12–64)
+            with which the panel fits TensorBoard's 350-px image card.
 
     Raises:
         ValueError: bad argument values (here); at ``setup``: an unknown layer (the
@@ -103,6 +103,7 @@ class DeconvProjection(_VisMonitor):
         self._user_probe = self._probe is not None
         self._layer_names: list[str] | None = None
         self._channels: dict[str, int] = {}
+        self._ready = False
 
     def __repr__(self) -> str:
         return (
@@ -138,18 +139,13 @@ class DeconvProjection(_VisMonitor):
             names.extend(h for h in hits if h not in names)
         return names
 
-    def _check_probe_fits(self, pl_module: Any, probe: torch.Tensor, convs: list[str]) -> list[str]:
-        """A forward pass of the probe; returns the convolutions in execution order."""
-        try:
-            order = execution_order(pl_module, probe[:1].to(pl_module.device), convs)
-        except RuntimeError as err:
-            raise ValueError(
-                f"DeconvProjection: probe of shape {tuple(probe.shape)} does not fit {type(pl_module).__name__}: {err}"
-            ) from err
-        if order:
-            first = dict(unwrap_model(pl_module).named_modules())[order[0]]
-            self._validate_probe_channels(pl_module, probe, first)
-        return order
+    def _check_probe_fits(
+        self, pl_module: Any, probe: torch.Tensor, convs: list[str], final: bool = False
+    ) -> list[str] | None:
+        """The convolutions in the order the probe passes them; ``None`` until the first batch's call."""
+        if not self._probe_runs(pl_module, probe, final=final):
+            return None
+        return execution_order(pl_module, self._to_model(pl_module, probe[:1]), convs, forward=self._forward_fn(pl_module))
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -163,19 +159,17 @@ class DeconvProjection(_VisMonitor):
         self._check_loggers(trainer)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        model = unwrap_model(pl_module)
-        convs = list(conv_layers(model))
         if self._probe is None:
-            images = self._sample_images(trainer, pl_module, self.num_probe)
-            if images is None:
-                raise ValueError(
-                    "DeconvProjection: found no images [N, C, H, W] in the validation or training data; "
-                    "pass probe=<tensor of images>"
-                )
-            self._probe = images.detach().cpu()
-            order = self._check_probe_fits(pl_module, self._probe, convs)
-        elif self._layer_names is None:
-            order = execution_order(pl_module, self._probe[:1].to(pl_module.device), convs)
+            self._probe = self._take_probe(trainer, pl_module, None, self.num_probe).images
+        self._ready = False
+        self._prepare(pl_module)
+
+    def _prepare(self, pl_module: Any, final: bool = False) -> None:
+        """Default layers and channel counts, once the probe can run (maybe after the first batch)."""
+        convs = list(conv_layers(unwrap_model(pl_module)))
+        order = self._check_probe_fits(pl_module, self._probe, convs, final)
+        if order is None:  # forward needs the first training batch's call
+            return
         if self._layer_names is None:
             if not order:
                 raise ValueError(
@@ -192,17 +186,21 @@ class DeconvProjection(_VisMonitor):
                     + ", ".join(f"{layer!r} ({c})" for layer, c in small.items())
                     + f". Must be <= {min(small.values())} for these layers"
                 )
+        self._ready = True
 
     def _count_channels(self, pl_module: Any) -> dict[str, int]:
         model = unwrap_model(pl_module)
-        x = self._probe[:1].to(pl_module.device)
+        x = self._to_model(pl_module, self._probe[:1])
+        forward = self._forward_fn(pl_module)
         counts = {}
         with isolated(model), torch.no_grad():
             for layer in self._layer_names:
-                counts[layer] = int(_forward_to(model, x, layer).shape[1])
+                counts[layer] = int(_forward_to(model, x, layer, forward=forward).shape[1])
         return counts
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._ready and self._probe is not None:
+            self._prepare(pl_module, final=True)
         if self._step_due(trainer, self.every_n_steps):
             self._run(trainer, pl_module)
 
@@ -213,17 +211,17 @@ class DeconvProjection(_VisMonitor):
     # ------------------------------------------------------------------ work
     def _run(self, trainer: Any, pl_module: Any) -> None:
         self._last_step = trainer.global_step
-        if not trainer.is_global_zero or not self._writers(trainer) or self._probe is None:
+        if not trainer.is_global_zero or not self._writers(trainer) or self._probe is None or not self._ready:
             return
-        x = self._probe.to(pl_module.device)
+        x = self._to_model(pl_module, self._probe)
+        forward = self._forward_fn(pl_module)
         for layer in self._layer_names or []:
             top_k = min(self.top_k, self._channels.get(layer, self.top_k))
-            projection = project(pl_module, x, layer, top_k=top_k, method=self.method)
-            cell = self.cell_px or min(64, max(32, self._probe.shape[-1]))
-            panel = render.projection_panel(self._probe, projection, cell_px=cell)
+            projection = project(pl_module, x, layer, top_k=top_k, method=self.method, forward=forward)
+            panel = render.projection_panel(self._probe, projection, cell_px=self.cell_px)
             description = (
                 f"Top {top_k} units of `{layer}` per probe image, projected to pixel space with "
-                f"{projection.rule}. Each row: the image (receptive fields boxed), then per unit its "
+                f"{projection.rule}. Per probe image: the image (receptive fields boxed), then per unit its "
                 "projection (zero = grey) beside the image patch under its receptive field."
             )
             self._log_image(trainer, f"deconv/{layer}", panel, description=description)

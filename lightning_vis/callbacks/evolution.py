@@ -394,6 +394,7 @@ class FeatureEvolution(_VisMonitor):
     def _reset_state(self) -> None:
         self._layers: list[str] | None = None
         self._probe: torch.Tensor | None = None
+        self._ready = False
         self._fingerprint: list[float] | None = None
         self.epochs: list[int] = []
         self.steps: list[int] = []
@@ -453,43 +454,25 @@ class FeatureEvolution(_VisMonitor):
                     f"Must be <= {channels}"
                 )
 
-    def _check_fits(self, pl_module: Any, probe: torch.Tensor, convs: list[str]) -> list[str]:
-        param = next(pl_module.parameters(), None)
-        example = probe[:2].to(device=param.device if param is not None else probe.device)
-        try:
-            return execution_order(pl_module, example, convs)
-        except RuntimeError as err:
-            raise ValueError(
-                f"FeatureEvolution: probe of shape {tuple(probe.shape)} does not fit {type(pl_module).__name__}: {err}"
-            ) from err
+    def _check_fits(
+        self, pl_module: Any, probe: torch.Tensor, convs: list[str], final: bool = False
+    ) -> list[str] | None:
+        """The convolutions in the order the probe passes them; ``None`` until the first batch's call."""
+        if not self._probe_runs(pl_module, probe, final=final):
+            return None
+        example = self._to_model(pl_module, probe[:2])
+        return execution_order(pl_module, example, convs, forward=self._forward_fn(pl_module))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        probe = self.probe
-        if probe is None:
-            probe = self._sample_images(trainer, pl_module, self.num_probe)
-            if probe is None:
-                raise ValueError(
-                    "FeatureEvolution: no images found in the validation or training data to use as a probe; "
-                    "pass probe=<tensor [N, C, H, W]>"
-                )
-            if probe.shape[0] < MIN_BATCH:
-                raise ValueError(
-                    f"FeatureEvolution: the data gave only {probe.shape[0]} probe images; CKA needs at least "
-                    f"{MIN_BATCH}. Pass probe=<tensor [N, C, H, W]>"
-                )
-        param = next(pl_module.parameters(), None)
-        if param is not None:
-            probe = probe.to(device=param.device, dtype=param.dtype if param.is_floating_point() else probe.dtype)
-        model = unwrap_model(pl_module)
-        convs = list(conv_layers(model))
-        order = self._check_fits(pl_module, probe, convs)
-        if self._layers is None:
-            if not order:
-                raise ValueError(f"FeatureEvolution: a forward pass of {type(model).__name__} called no convolution")
-            self._layers = spread(order, self.max_layers)
-            self._check_top_k(model)
-        self._probe = probe
-        fingerprint = _fingerprint(probe)
+        found = self._take_probe(trainer, pl_module, self.probe, self.num_probe)
+        probe = found.images
+        if self.probe is None and probe.shape[0] < MIN_BATCH:
+            raise ValueError(
+                f"FeatureEvolution: the data gave only {probe.shape[0]} probe images; CKA needs at least "
+                f"{MIN_BATCH}. Pass probe=<tensor [N, C, H, W]>"
+            )
+        self._probe = self._to_model(pl_module, probe)
+        fingerprint = _fingerprint(self._probe)
         if self._fingerprint is not None and self._fingerprint != fingerprint and self._grams_prev:
             self._warn_once(
                 "probe-changed",
@@ -498,21 +481,40 @@ class FeatureEvolution(_VisMonitor):
             )
             self._grams_first, self._grams_prev = {}, {}
         self._fingerprint = fingerprint
+        self._ready = False
+        self._prepare(pl_module)
+
+    def _prepare(self, pl_module: Any, final: bool = False) -> None:
+        """Default layers, once the probe can run (maybe only after the first training batch)."""
+        model = unwrap_model(pl_module)
+        convs = list(conv_layers(model))
+        order = self._check_fits(pl_module, self._probe, convs, final)
+        if order is None:
+            return
+        if self._layers is None:
+            if not order:
+                raise ValueError(f"FeatureEvolution: a forward pass of {type(model).__name__} called no convolution")
+            self._layers = spread(order, self.max_layers)
+            self._check_top_k(model)
         for name in self._layers:
             self.settled.setdefault(name, None)
+        self._ready = True
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         # The snapshot of an epoch is taken after its last optimizer step, before validation:
         # a checkpoint saved at the end of validation (ModelCheckpoint's default) then holds it.
+        if not self._ready and self._probe is not None:
+            self._prepare(pl_module, final=True)
         last = batch_idx + 1 >= trainer.num_training_batches or trainer.is_last_batch
-        if last and self._probe is not None and self._due(trainer):
+        if last and self._ready and self._due(trainer):
             self._snapshot(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._probe is not None and self._due(trainer):  # the last batch was not recognised as such
+        if self._ready and self._due(trainer):  # the last batch was not recognised as such
             self._snapshot(trainer, pl_module)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         if self._probe is not None:  # keep it for inspection, but free device memory
             self._probe = self._probe.cpu()
 
@@ -524,7 +526,8 @@ class FeatureEvolution(_VisMonitor):
         probe = self._probe
         computed: dict[str, dict[str, Any]] = {}
         with isolated(pl_module):
-            stats = probe_layers(pl_module, probe, layers, batch_size=self.cka_batch_size)
+            forward = self._forward_fn(pl_module)
+            stats = probe_layers(pl_module, probe, layers, batch_size=self.cka_batch_size, forward=forward)
             for name in layers:
                 grams, peaks = stats[name]
                 tracked = self.tracked.get(name)
@@ -534,7 +537,12 @@ class FeatureEvolution(_VisMonitor):
                 channels = torch.tensor(tracked, dtype=torch.long)
                 best = peaks[:, channels].argmax(dim=0)  # strongest probe image per unit (first on ties)
                 proj = project(
-                    pl_module, probe[best.to(probe.device)], name, channels=channels[:, None], method=self.method
+                    pl_module,
+                    probe[best.to(probe.device)],
+                    name,
+                    channels=channels[:, None],
+                    method=self.method,
+                    forward=forward,
                 )
                 images = proj.images[:, 0].detach().cpu()
                 field = self._field.get(name)

@@ -98,8 +98,10 @@ class FilterGrid(_VisMonitor):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._layer_name is None:
             example = self._sample_images(trainer, pl_module, 2)
-            if example is not None:
-                self._layer_name = first_conv(pl_module, example)
+            if example is not None and self._probe_runs(pl_module, example):
+                self._layer_name = first_conv(
+                    pl_module, self._to_model(pl_module, example), forward=self._forward_fn(pl_module)
+                )
             else:  # no map-style data to look at: watch the first training batch instead
                 self._recording = []
                 convs = list(conv_layers(unwrap_model(pl_module)))
@@ -124,6 +126,7 @@ class FilterGrid(_VisMonitor):
             self._log(trainer, pl_module)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         if self._record_ctx is not None:
             self._record_ctx.__exit__(None, None, None)
             self._record_ctx = None
