@@ -21,11 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
@@ -105,14 +108,18 @@ class ActivationCall:
         return self.func(*self.args, **self.kwargs)
 
 
-@dataclass
 class _Frame:
-    name: str
-    module: nn.Module | None
-    call_index: int = 0
-    children: dict[str, int] = field(default_factory=dict)
-    functional_calls: int = 0
-    own_call_taken: bool = False
+    """One module call on the interceptor's stack (slotted: one is made per module call)."""
+
+    __slots__ = ("name", "module", "call_index", "children", "functional_calls", "own_call_taken")
+
+    def __init__(self, name: str, module: nn.Module | None, call_index: int = 0) -> None:
+        self.name = name
+        self.module = module
+        self.call_index = call_index
+        self.children: dict[str, int] = {}
+        self.functional_calls = 0
+        self.own_call_taken = False
 
 
 def _classify(func: Callable, args: tuple, kwargs: dict) -> tuple[str, bool] | None:
@@ -145,30 +152,45 @@ class _Interceptor(TorchFunctionMode):
         self.stack: list[_Frame] = []
         self.outer = _Frame("", None)
         self.last_conv: str | None = None
+        self.names: dict[int, str] = {}  # id(module) -> name, for the model's modules only
 
-    # module hooks -------------------------------------------------------------------
+    # module hooks (global: two registrations, whatever the model's size) -------------
+    def pre_hook(self, module: nn.Module, args: Any) -> None:
+        name = self.names.get(id(module))
+        if name is not None:  # a module of the model (others are not sites' owners)
+            self.push(name, module)
+
+    def post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        name = self.names.get(id(module))
+        if name is not None:
+            self.pop(name, module)
+
     def push(self, name: str, module: nn.Module) -> None:
-        if not self.stack:
+        stack = self.stack
+        if not stack:
             self.outer = _Frame("", None)  # a new top-level call: call indices restart
-        parent = self.stack[-1] if self.stack else self.outer
-        index = parent.children.get(name, 0)
-        parent.children[name] = index + 1
-        self.stack.append(_Frame(name, module, index))
+        parent = stack[-1] if stack else self.outer
+        children = parent.children
+        index = children.get(name, 0)
+        children[name] = index + 1
+        stack.append(_Frame(name, module, index))
 
     def pop(self, name: str, module: nn.Module) -> None:
-        for i in range(len(self.stack) - 1, -1, -1):
-            if self.stack[i].module is module:
-                del self.stack[i:]
+        stack = self.stack
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i].module is module:
+                del stack[i:]
                 break
-        if isinstance(module, nn.modules.conv._ConvNd):
+        if isinstance(module, _ConvNd):
             self.last_conv = name
 
     # functional calls ---------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # fast path: every torch call of the forward comes here; only activations are sites
+        if func not in _FUNCS or not self.stack:
+            return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
-        found = _classify(func, args, kwargs) if func in _FUNCS else None
-        if found is None or not self.stack:
-            return func(*args, **kwargs)
+        kind, inplace = _classify(func, args, kwargs)
         frame = self.stack[-1]
         if isinstance(frame.module, _ACTIVATION_MODULES) and not frame.own_call_taken:
             frame.own_call_taken = True
@@ -176,7 +198,6 @@ class _Interceptor(TorchFunctionMode):
         else:
             key = ("f", frame.name, frame.functional_calls)
             frame.functional_calls += 1
-        kind, inplace = found
         return self.handler(ActivationCall(key, kind, func, args, kwargs, inplace, self.last_conv))
 
 
@@ -193,16 +214,17 @@ def intercept_activations(
             replacement). Default: run the call unchanged.
 
     Calls made outside every module's forward (e.g. in ``training_step``) are not sites
-    and pass through untouched. Hooks and the mode are removed on exit, also on error.
+    and pass through untouched. The module stack is kept by one global forward pre-hook
+    and one global forward hook (``torch.nn.modules.module.register_module_forward_*``)
+    that ignore modules outside ``model``: entering costs two registrations whatever the
+    model's size. Hooks and the mode are removed on exit, also on error.
     """
     interceptor = _Interceptor(handler or (lambda call: call.run()))
+    interceptor.names = {id(module): name for name, module in model.named_modules()}
     handles = []
     try:
-        for name, module in model.named_modules():
-            handles.append(module.register_forward_pre_hook(lambda m, a, n=name: interceptor.push(n, m)))
-            handles.append(
-                module.register_forward_hook(lambda m, a, o, n=name: interceptor.pop(n, m), always_call=True)
-            )
+        handles.append(register_module_forward_pre_hook(interceptor.pre_hook))
+        handles.append(register_module_forward_hook(interceptor.post_hook, always_call=True))
         with interceptor:
             yield interceptor
     finally:
@@ -240,8 +262,81 @@ class Site:
     kind: str
     channels: int
     shape: tuple[int, ...]
-    #: the convolution executed last before this site (whose filters feed it), if any
+    #: the convolution whose output reaches this site (whose filters feed its channels), if any
     conv: str | None
+
+    @property
+    def label(self) -> str:
+        """The site as users think of it: ``"conv1 → forward#0"`` (just the name without a conv)."""
+        return f"{self.conv} → {self.name}" if self.conv else self.name
+
+
+#: Backward nodes of activations: the search for a site's convolution does not cross them.
+_ACTIVATION_NODES = (
+    "Relu", "Threshold", "LeakyRelu", "Rrelu", "Prelu", "Elu", "Celu", "Selu", "Gelu", "Silu", "Mish",
+    "Hardswish", "Hardsigmoid", "Hardtanh", "Sigmoid", "Tanh", "Softplus", "Clamp",
+)  # fmt: skip
+
+
+def feeding_conv(
+    tensor: torch.Tensor, conv_nodes: dict, channels: int, *, max_nodes: int = 256
+) -> str | None:
+    """The convolution whose output reaches ``tensor`` through non-activation ops.
+
+    Walks ``tensor``'s autograd graph backwards, depth first and first operand first
+    (in ``out += identity`` the residual branch ``out`` is searched before the shortcut),
+    through BatchNorm, pooling, additions and other element-wise ops, never across an
+    activation (another site) or a concatenation (channels from several layers). The
+    first convolution found with ``channels`` output channels is the answer.
+
+    Args:
+        tensor: the activation's input, from a pass with gradients enabled.
+        conv_nodes: ``{grad_fn: (name, out_channels)}`` of the convolutions' outputs.
+        channels: the site's channel count.
+        max_nodes: search budget.
+    """
+    stack = [tensor.grad_fn]
+    seen: set[int] = set()
+    while stack and max_nodes > 0:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        max_nodes -= 1
+        hit = conv_nodes.get(node)
+        if hit is not None:
+            if hit[1] == channels:
+                return hit[0]
+            continue
+        kind = type(node).__name__
+        if kind.startswith(_ACTIVATION_NODES) or kind.startswith("Cat") or kind.startswith("Stack"):
+            continue
+        nexts = [f for f, _ in node.next_functions if f is not None and type(f).__name__ != "AccumulateGrad"]
+        stack.extend(reversed(nexts))
+    return None
+
+
+@contextmanager
+def _conv_outputs(model: nn.Module) -> Iterator[dict]:
+    """``{grad_fn: (name, out_channels)}`` of every convolution output while inside."""
+    nodes: dict = {}
+    handles = []
+
+    def hook(name: str, channels: int) -> Callable:
+        def record(module, args, out):
+            if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                nodes[out.grad_fn] = (name, channels)
+
+        return record
+
+    try:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.modules.conv._ConvNd):
+                handles.append(module.register_forward_hook(hook(name, module.out_channels)))
+        yield nodes
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def find_activation_sites(
@@ -249,7 +344,9 @@ def find_activation_sites(
 ) -> list[Site]:
     """Every activation site of ``model`` on a forward pass of ``example``, in call order.
 
-    The pass runs under :func:`~lightning_vis.isolation.isolated` and ``no_grad``.
+    The pass runs under :func:`~lightning_vis.isolation.isolated` (gradients on, to
+    follow the graph from each site back to the convolution that feeds it, see
+    :func:`feeding_conv`; where parameters are frozen, the last convolution executed).
 
     Example::
 
@@ -261,22 +358,32 @@ def find_activation_sites(
         ...     def forward(self, x):
         ...         y = self.relu(self.conv(x))
         ...         return self.relu(F.relu(y) + x)
-        >>> [s.name for s in find_activation_sites(Block(), torch.randn(1, 3, 8, 8))]
-        ['relu#0', 'forward#0', 'relu#1']
+        >>> [s.label for s in find_activation_sites(Block(), torch.randn(1, 3, 8, 8))]
+        ['conv → relu#0', 'forward#0', 'relu#1']
+
+    (``forward#0`` and ``relu#1`` are fed by other activations, not by a convolution.)
     """
     from lightning_vis.isolation import isolated
     from lightning_vis.layers import eager_forward
 
     seen: list[tuple[SiteKey, str, tuple[int, ...], str | None]] = []
+    keys: set[SiteKey] = set()
 
-    def record(call: ActivationCall) -> torch.Tensor:
-        out = call.run()
-        if call.key not in {k for k, *_ in seen}:
-            seen.append((call.key, call.kind, tuple(out.shape), call.last_conv))
-        return out
+    with isolated(model), eager_forward(model), _conv_outputs(model) as conv_nodes:
 
-    with isolated(model), torch.no_grad(), eager_forward(model), intercept_activations(model, record):
-        (forward or model)(example)
+        def record(call: ActivationCall) -> torch.Tensor:
+            conv = call.last_conv
+            if call.key not in keys and isinstance(call.input, torch.Tensor) and call.input.grad_fn is not None:
+                channels = call.input.shape[1] if call.input.ndim > 1 else 1
+                conv = feeding_conv(call.input, conv_nodes, channels)
+            out = call.run()
+            if call.key not in keys:
+                keys.add(call.key)
+                seen.append((call.key, call.kind, tuple(out.shape), conv))
+            return out
+
+        with intercept_activations(model, record):
+            (forward or model)(example)
     names = name_sites([k for k, *_ in seen])
     return [
         Site(names[key], key, kind, shape[1] if len(shape) > 1 else 1, shape, conv)

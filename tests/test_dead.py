@@ -165,7 +165,7 @@ def test_event_file_and_alert(tmp_path, package):
     t, module, messages = _fit(tmp_path, ModuleReluNet(), monitor, package, extra=[fg])
     alerts = [m for m in messages if m.startswith("DeadNeuronMonitor at step")]
     assert len(alerts) == 1  # one warning, at the first window; not repeated while the site stays dead
-    assert "step 2" in alerts[0] and "'net.1'" in alerts[0] and "channels 1, 5" in alerts[0]
+    assert "step 2" in alerts[0] and "'net.0 → net.1'" in alerts[0] and "channels 1, 5" in alerts[0]
     assert "'net.3'" not in alerts[0]  # 1/8 dead: under alert_fraction
     assert monitor.alerts == [{"step": 2, "site": "net.1", "fraction": 0.25, "channels": [1, 5]}]
     events = read_events(tmp_path)
@@ -319,13 +319,17 @@ def test_unknown_layer_fails_before_the_first_step(tmp_path):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     module = make_module(net)
     t = trainer(tmp_path, callbacks=[DeadNeuronMonitor(layers=["net.9"])])
-    with pytest.raises(ValueError, match=r"No module 'net\.9' in Tiny; activation sites are: 'net\.1', 'net\.3'"):
+    with pytest.raises(ValueError, match=r"'net\.9' names no activation site of Tiny.*: 'net\.0 → net\.1', 'net\.2 → net\.3'"):
         t.fit(module)
     assert t.global_step == 0
     assert_bit_identical(before, net.state_dict())
     _no_hooks_left(module)
-    with pytest.raises(ValueError, match=r"Module 'net\.0' \(Conv2d\) cannot be used here; activation sites are"):
-        trainer(tmp_path, callbacks=[DeadNeuronMonitor(layers="net.0")]).fit(make_module(ModuleReluNet()))
+    with pytest.raises(ValueError, match=r"'net' names no activation site of Tiny"):
+        trainer(tmp_path, callbacks=[DeadNeuronMonitor(layers="net")]).fit(make_module(ModuleReluNet()))
+    # a convolution names the sites it feeds
+    monitor = DeadNeuronMonitor(layers="net.2", every_n_steps=1, window=1)
+    trainer(tmp_path, callbacks=[monitor], max_steps=1).fit(make_module(ModuleReluNet()))
+    assert monitor.sites == ["net.3"]
 
 
 def test_bad_arguments():

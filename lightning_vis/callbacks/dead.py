@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from typing import Any
 
@@ -180,6 +181,9 @@ class DeadNeuronMonitor(_VisMonitor):
         self._ctx: Any = None
         self._discovering = False
         self._discovered: dict[tuple, tuple[str, tuple[int, ...], str | None]] = {}
+        self._known: dict[tuple, str] = {}  # every site key seen so far -> its name
+        self._late: dict[tuple, tuple[str, tuple[int, ...], str | None]] = {}  # first seen during training
+        self._late_sites: list[Site] = []  # waiting for the next window
         self._batch_size: int | None = None
         self._conv_channels: dict[str, int] = {}
         self._counting_batch = False
@@ -201,7 +205,7 @@ class DeadNeuronMonitor(_VisMonitor):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_root=None, _ctx=None, _counts={}, _sites=[], _discovered={})
+        state.update(_root=None, _ctx=None, _counts={}, _sites=[], _discovered={}, _known={}, _late={}, _late_sites=[])
         for bound in ("log", "log_dict"):  # Lightning binds the module's log methods to callbacks during fit
             state.pop(bound, None)
         return state
@@ -273,6 +277,8 @@ class DeadNeuronMonitor(_VisMonitor):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._exit()
+        if self._late:
+            self._adopt_late()
         if self._discovering:
             self._finish_discovery(trainer)
         if not self._counting_batch:
@@ -320,7 +326,11 @@ class DeadNeuronMonitor(_VisMonitor):
             return out  # probe passes of other callbacks run in eval mode: not counted
         counts = self._counts.get(call.key)
         if counts is None:
-            if not self._discovering or out.ndim < 2 or call.key in self._discovered:
+            if not self._discovering:  # a site first seen now (e.g. a head called in training_step)
+                if out.ndim >= 2 and call.key not in self._known and call.key not in self._late:
+                    self._late[call.key] = (call.kind, tuple(out.shape), call.last_conv)
+                return out
+            if out.ndim < 2 or call.key in self._discovered:
                 return out
             self._discovered[call.key] = (call.kind, tuple(out.shape), call.last_conv)
             if not self._counting_batch:
@@ -353,17 +363,11 @@ class DeadNeuronMonitor(_VisMonitor):
         self._init_sites(trainer, sites, counted=counted)
 
     def _init_sites(self, trainer: Any, sites: list[Site], counted: dict | None = None) -> None:
+        self._known = {s.key: s.name for s in sites}
         watched = [s for s in sites if len(s.shape) >= 2 and (watches_firing(s.kind) or flat_region(s.kind))]
         chosen = watched
         if self.layers is not None:
-            names = [s.name for s in watched]
-            patterns = []
-            for pattern in self.layers:  # "layer1.0.relu" selects "layer1.0.relu#0", "#1"…
-                if pattern not in names and "#" not in pattern and any(n.startswith(pattern + "#") for n in names):
-                    pattern += "#*"
-                patterns.append(pattern)
-            picked = set(resolve_layers(self._root, patterns, names, what="activation sites"))
-            chosen = [s for s in watched if s.name in picked]
+            chosen = self._select(watched)
         self._sites = chosen
         if not chosen:
             self._counts = {}
@@ -385,6 +389,74 @@ class DeadNeuronMonitor(_VisMonitor):
         if self._pending is not None:
             self._restore(self._pending)
             self._pending = None
+
+    def _adopt_late(self) -> None:
+        """Sites first seen during training (outside ``forward``): named by the same rules, watched
+        from the next window on (a window's decisions always cover whole windows)."""
+        late, self._late = self._late, {}
+        names = name_sites([*self._known, *late])
+        taken = set(self._known.values())
+        found = []
+        for key, (kind, shape, conv) in late.items():
+            name = names[key]
+            if name in taken:  # a module reused outside forward: keep the earlier names stable
+                name = f"{key[1] or 'forward'}#{key[2]}"
+            taken.add(name)
+            self._known[key] = name
+            found.append(Site(name, key, kind, shape[1], shape, conv))
+        watched = [s for s in found if watches_firing(s.kind) or flat_region(s.kind)]
+        if self.layers is not None:
+            watched = self._select(watched, strict=False)
+        if not watched:
+            return
+        self._warn_once(
+            "late-sites",
+            "DeadNeuronMonitor: activation sites first seen during training, outside forward() (e.g. a head "
+            f"called in training_step): {', '.join(repr(s.label) for s in watched)}; watched from the next window",
+        )
+        if self._counts:
+            self._late_sites.extend(watched)
+        else:
+            self._install(watched)
+
+    def _install(self, sites: list[Site]) -> None:
+        device = next((p.device for p in self._root.parameters()), torch.device("cpu"))
+        for site in sites:
+            self._counts[site.key] = ActivityCounts.zeros(site.channels, site.kind, device=device)
+        self._sites = [*self._sites, *sites]
+
+    def _select(self, watched: list[Site], *, strict: bool = True) -> list[Site]:
+        """The sites ``layers`` names: site names, globs, or the convolution feeding a site.
+
+        ``"layer1.0.relu"`` selects its calls ``#0``, ``#1``…; ``"conv1"`` selects the
+        sites that ``conv1`` feeds (``conv1 → forward#0``). ``strict=False`` (sites first
+        seen during training) ignores patterns that match nothing.
+        """
+        names = [s.name for s in watched]
+        feeds: dict[str, list[str]] = {}
+        for site in watched:
+            if site.conv:
+                feeds.setdefault(site.conv, []).append(site.name)
+        picked: set[str] = set()
+        for pattern in self.layers or []:
+            if pattern not in names and "#" not in pattern and any(n.startswith(pattern + "#") for n in names):
+                pattern += "#*"
+            try:
+                picked.update(resolve_layers(self._root, pattern, names, what="activation sites"))
+                continue
+            except ValueError as err:
+                convs = [c for c in feeds if fnmatch.fnmatchcase(c, pattern)]
+                if convs:
+                    picked.update(n for c in convs for n in feeds[c])
+                    continue
+                if not strict:
+                    continue
+                listed = ", ".join(f"'{s.label}'" for s in watched[:40]) or "(none)"
+                raise ValueError(
+                    f"DeadNeuronMonitor: {pattern!r} names no activation site of {type(self._root).__name__} "
+                    f"and no convolution that feeds one; sites (convolution → site) are: {listed}"
+                ) from err
+        return [s for s in watched if s.name in picked]
 
     def _default_window(self, trainer: Any) -> int:
         batch = self._batch_size or 1
@@ -413,6 +485,9 @@ class DeadNeuronMonitor(_VisMonitor):
             )  # fmt: skip
             c.reset()
         self._decide(trainer, states)
+        if self._late_sites:
+            pending, self._late_sites = self._late_sites, []
+            self._install(pending)
 
     def _decide(self, trainer: Any, states: dict[str, ChannelStates]) -> None:
         step = trainer.global_step
@@ -430,7 +505,8 @@ class DeadNeuronMonitor(_VisMonitor):
         if broken:
             self._warn_once(
                 "nonfinite",
-                f"DeadNeuronMonitor at step {step}: sites {', '.join(broken)} produced NaN or inf activations "
+                f"DeadNeuronMonitor at step {step}: sites {', '.join(map(self._label, broken))} produced NaN or inf "
+                "activations "
                 "(training has diverged?); their non-finite channels are not called dead",
             )
 
@@ -461,15 +537,21 @@ class DeadNeuronMonitor(_VisMonitor):
 
         if self._writers(trainer):
             if self.heatmap and self.activity:
-                image = render.activity_heatmap(self.activity, title=f"firing rate per channel, step {step}")
+                labels = {s.name: s.label for s in self._sites}
+                rates = {labels.get(n, n): rate for n, rate in self.activity.items()}
+                image = render.activity_heatmap(rates, title=f"firing rate per channel, step {step}")
                 self._log_image(trainer, "dead/activity", image, step)
             if self.histograms:
                 for n, rate in self.activity.items():
                     self._log_histogram(trainer, f"dead/rates/{n}", rate, step)
 
+    def _label(self, name: str) -> str:
+        return next((s.label for s in self._sites if s.name == name), name)
+
     def _alert(self, trainer: Any, alerts: list[dict[str, Any]], step: int) -> None:
         lines = [
-            f"{a['fraction']:.0%} of the {self.states[a['site']].dead.numel()} channels of site '{a['site']}' are "
+            f"{a['fraction']:.0%} of the {self.states[a['site']].dead.numel()} channels of site "
+            f"'{self._label(a['site'])}' are "
             f"dead (never fired in the last window): channels {_listed(a['channels'])}"
             for a in alerts
         ]
