@@ -19,10 +19,31 @@ def pl(package: str = "lightning.pytorch") -> Any:
     return importlib.import_module(package)
 
 
+class Augmented(torch.utils.data.Dataset):
+    """Images with a random flip and random noise drawn from the global torch RNG per item:
+    anything that reads the dataset without restoring the RNG shifts the whole run."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        x = self.x[i]
+        if torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x + 0.05 * torch.randn_like(x), self.y[i]
+
+
 def make_module(net: nn.Module, package: str = "lightning.pytorch", *, n: int = 64, size: int = 16,
                 channels: int = 3, classes: int = 4, batch_size: int = 16, lr: float = 0.05,
-                seed: int = 0) -> Any:  # fmt: skip
-    """A LightningModule around ``net`` with generated data (train and val)."""
+                seed: int = 0, augment: bool = False) -> Any:  # fmt: skip
+    """A LightningModule around ``net`` with generated data (train and val).
+
+    ``augment=True``: both datasets draw a random flip and noise per item (:class:`Augmented`).
+    """
+    dataset = Augmented if augment else TensorDataset
     base = pl(package).LightningModule
 
     class Tiny(base):
@@ -50,21 +71,24 @@ def make_module(net: nn.Module, package: str = "lightning.pytorch", *, n: int = 
             return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9)
 
         def train_dataloader(self):
-            return DataLoader(TensorDataset(self.x, self.y), batch_size=batch_size, shuffle=True)
+            return DataLoader(dataset(self.x, self.y), batch_size=batch_size, shuffle=True)
 
         def val_dataloader(self):
-            return DataLoader(TensorDataset(self.x[:batch_size], self.y[:batch_size]), batch_size=batch_size)
+            return DataLoader(dataset(self.x[:batch_size], self.y[:batch_size]), batch_size=batch_size)
 
     return Tiny()
 
 
-def small_cnn(in_channels: int = 3, classes: int = 4, width: int = 8) -> nn.Module:
-    return nn.Sequential(
+def small_cnn(in_channels: int = 3, classes: int = 4, width: int = 8, dropout: float = 0.0) -> nn.Module:
+    layers = [
         nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(inplace=True),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes),
-    )  # fmt: skip
+    ]  # fmt: skip
+    if dropout:
+        layers.insert(-1, nn.Dropout(dropout))
+    return nn.Sequential(*layers)
 
 
 def trainer(tmp_path, package: str = "lightning.pytorch", *, callbacks=(), logger: Any = "tb",
@@ -94,11 +118,11 @@ def read_events(logdir: str) -> Any:
 
 
 def fit_weights(tmp_path, make_net, callbacks=(), *, seed: int = 0, package: str = "lightning.pytorch",
-                **kwargs: Any) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Seeded deterministic training; the final state_dict."""
+                augment: bool = False, **kwargs: Any) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Seeded deterministic training; the final state_dict (``augment``: see :func:`make_module`)."""
     lib = pl(package)
     lib.seed_everything(seed, workers=True, verbose=False)
-    module = make_module(make_net(), package, seed=seed)
+    module = make_module(make_net(), package, seed=seed, augment=augment)
     t = trainer(tmp_path, package, callbacks=callbacks, **kwargs)
     t.fit(module)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}

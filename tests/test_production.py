@@ -6,15 +6,18 @@ kind of logger, and bad input caught before the first step.
 
 import csv
 import glob
+import io
 import json
 import os
 import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 
 from lightning_vis.callbacks import DeadNeuronMonitor, DeconvProjection, FeatureEvolution, FilterGrid
@@ -42,14 +45,27 @@ def most_frequent():
     ]
 
 
+def _pixels(event) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
+
+
 def assert_everything_logged(events, *, dead: bool = True):
+    """Every tag is there, and what it holds makes sense (not only that it exists)."""
     tags = events.Tags()
-    assert any(t.startswith("filters/") for t in tags["images"]), tags["images"]
-    assert any(t.startswith("deconv/") for t in tags["images"]), tags["images"]
-    assert any(t.startswith("evolution/") for t in tags["images"]), tags["images"]
-    assert any(t.startswith("cka/") for t in tags["scalars"]), tags["scalars"]
+    for prefix in ("filters/", "deconv/", "evolution/"):
+        found = [t for t in tags["images"] if t.startswith(prefix)]
+        assert found, (prefix, tags["images"])
+        for tag in found:
+            image = _pixels(events.Images(tag)[-1])
+            assert image.ndim == 3 and image.shape[2] == 3 and min(image.shape[:2]) >= 16, (tag, image.shape)
+            assert image.std() > 1.0, f"{tag} is a constant picture"
+    cka = [t for t in tags["scalars"] if t.startswith("cka/")]
+    assert cka, tags["scalars"]
+    assert all(-1e-6 <= e.value <= 1 + 1e-6 for t in cka for e in events.Scalars(t))
     if dead:
         assert "dead/total" in tags["scalars"], tags["scalars"]
+        fractions = [e.value for t in tags["scalars"] if t.startswith("dead/") for e in events.Scalars(t)]
+        assert fractions and all(0.0 <= v <= 1.0 for v in fractions), fractions
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -99,7 +115,8 @@ def test_logger_false_trains_and_warns_once(tmp_path):
         warnings.simplefilter("always")
         t.fit(make_module(small_cnn()))
     assert sum("no logger" in str(w.message) for w in caught) == 1
-    assert callbacks[2].dead_channels is not None  # results are still there to read
+    monitor = callbacks[2]  # results are still there to read
+    assert monitor.windows_completed >= 2 and set(monitor.dead_channels) == set(monitor.sites) == {"net.2", "net.5"}
 
 
 # --------------------------------------------------------------------------- architectures
@@ -123,9 +140,9 @@ def test_any_torchvision_cnn(tmp_path, arch):
     module = make_module(net, n=8, size=32, batch_size=4)
     callbacks = most_frequent()
     trainer(tmp_path, callbacks=callbacks, max_epochs=2, limit_train_batches=2, limit_val_batches=1).fit(module)
-    events = read_events(tmp_path)
-    # efficientnet (SiLU) and convnext (GELU) have no ReLU: the monitor says what it watches
-    assert_everything_logged(events, dead=arch not in ("efficientnet_b0", "convnext_tiny"))
+    # efficientnet (SiLU) and convnext (GELU) have no ReLU: SiLU and GELU are watched all the same
+    assert_everything_logged(read_events(tmp_path))
+    assert callbacks[2].sites and callbacks[2].windows_completed >= 1
 
 
 class OneByOne(nn.Module):
@@ -152,17 +169,46 @@ def test_one_and_four_channel_inputs_and_1x1_maps(tmp_path, channels):
 
 
 # --------------------------------------------------------------------------- precision and layout
-def test_bf16_mixed_precision(tmp_path):
-    t = trainer(tmp_path, callbacks=most_frequent(), precision="bf16-mixed", max_epochs=2, limit_train_batches=2)
-    t.fit(make_module(small_cnn()))
-    assert_everything_logged(read_events(tmp_path))
+def planted_cnn() -> nn.Module:
+    """small_cnn with dead channels planted: ``net.2`` {2, 5} (BatchNorm shift), ``net.5`` {3}."""
+    net = small_cnn()
+    with torch.no_grad():
+        net[1].bias[[2, 5]] = -1e4
+        net[4].bias[3] = -1e4
+    return net
 
 
-def test_channels_last(tmp_path):
-    module = make_module(small_cnn().to(memory_format=torch.channels_last))
-    module.x = module.x.contiguous(memory_format=torch.channels_last)
-    trainer(tmp_path, callbacks=most_frequent(), max_epochs=2, limit_train_batches=2).fit(module)
+def assert_projections_inside_receptive_fields(module) -> None:
+    """Units of ``net.4`` (conv3 -> pool2 -> conv3, padding 1) see rows/cols 2i-3 ... 2i+4."""
+    from lightning_vis import project
+
+    probe = module.x[:4].float().contiguous()
+    result = project(module, probe, "net.4", top_k=3)
+    support = result.images.abs().sum(dim=2) > 0  # [N, K, H, W]
+    assert support.any()
+    for n in range(probe.shape[0]):
+        for k in range(3):
+            i, j = result.locations[n, k].tolist()
+            rows, cols = support[n, k].nonzero(as_tuple=True)
+            if rows.numel():
+                assert rows.min() >= 2 * i - 3 and rows.max() <= 2 * i + 4, (n, k, i, rows)
+                assert cols.min() >= 2 * j - 3 and cols.max() <= 2 * j + 4, (n, k, j, cols)
+
+
+@pytest.mark.parametrize("setting", ["fp32", "bf16-mixed", "channels_last"])
+def test_precision_and_memory_format_give_the_same_findings(tmp_path, setting):
+    module = make_module(planted_cnn())
+    options = {"precision": "bf16-mixed"} if setting == "bf16-mixed" else {}
+    if setting == "channels_last":
+        module = module.to(memory_format=torch.channels_last)
+        module.x = module.x.contiguous(memory_format=torch.channels_last)
+    callbacks = most_frequent()
+    trainer(tmp_path, callbacks=callbacks, max_epochs=2, limit_train_batches=2, **options).fit(module)
     assert_everything_logged(read_events(tmp_path))
+    monitor = callbacks[2]
+    assert monitor.dead_channels == {"net.2": [2, 5], "net.5": [3]}, monitor.dead_channels
+    assert monitor.dead_filters("net.0") == [2, 5] and monitor.dead_filters("net.4") == [3]
+    assert_projections_inside_receptive_fields(module)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_vis import render
 from lightning_vis.callbacks._base import _VisMonitor, as_pattern_list, check_every, spread
-from lightning_vis.cka import MIN_BATCH, cka_from_grams, gram_matrices, minibatch_slices
+from lightning_vis.cka import MIN_BATCH, StreamingGram, cka_from_grams, minibatch_slices
 from lightning_vis.deconv import METHODS, project
 from lightning_vis.isolation import isolated
 from lightning_vis.layers import conv_layers, execution_order, resolve_layers, unwrap_model
@@ -26,6 +26,11 @@ __all__ = [
     "probe_layers",
     "snapshot_due",
 ]
+
+
+#: Probe images that go through the network at once (probe passes are chunked: a pass's
+#: activation memory is that of 16 images, whatever the probe size).
+PROBE_CHUNK = 16
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -183,8 +188,12 @@ def probe_layers(
     """Per layer: the CKA Gram matrices of its probe activations, and each channel's peak per image.
 
     The probe runs in minibatches (see :func:`lightning_vis.cka.minibatch_slices`) under
-    :func:`~lightning_vis.isolation.isolated` and ``torch.no_grad()``; only the ``b × b``
-    Gram matrices and the ``[N, C]`` peaks are kept, never the activations.
+    :func:`~lightning_vis.isolation.isolated` and ``torch.no_grad()``, each minibatch in
+    chunks of at most ``PROBE_CHUNK`` (16) images, so a probe pass holds one chunk's
+    activations, never the whole probe's. Only the ``b × b`` Gram matrices (assembled from
+    the chunks by :class:`lightning_vis.cka.StreamingGram`: a minibatch larger than a chunk
+    keeps the watched layers' flattened activations until its Gram matrix is built, in
+    host memory when they are large) and the ``[N, C]`` peaks are kept.
 
     Args:
         model: the network; ``layers`` are its ``named_modules()`` names.
@@ -206,6 +215,7 @@ def probe_layers(
     """
     grams: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     peaks: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    streams: dict[str, StreamingGram] = {}
     seen: set[str] = set()
 
     def sink(name: str, out: Any) -> None:
@@ -215,17 +225,24 @@ def probe_layers(
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"Layer {name!r} must output a tensor [N, C, ...] with channels, got {shape}")
         seen.add(name)
-        grams[name].extend(gram_matrices(out))
+        streams[name].add(out.detach())
         peak = out.detach().flatten(2).amax(dim=2) if out.ndim > 2 else out.detach()
         peaks[name].append(peak.float().cpu())
 
     with isolated(model), torch.no_grad(), _capture_outputs(model, layers, sink):
         for sl in minibatch_slices(images.shape[0], batch_size):
-            seen.clear()
-            (forward or model)(images[sl])
-            missing = [name for name in layers if name not in seen]
-            if missing:
-                raise ValueError(f"Layers {missing} were not called by the forward pass")
+            # each CKA minibatch goes through the network in chunks of at most PROBE_CHUNK
+            # images (bounded memory); its Gram matrix is assembled from the chunks
+            streams.clear()
+            streams.update((name, StreamingGram(sl.stop - sl.start)) for name in layers)
+            for start in range(sl.start, sl.stop, PROBE_CHUNK):
+                seen.clear()
+                (forward or model)(images[start : min(start + PROBE_CHUNK, sl.stop)])
+                missing = [name for name in layers if name not in seen]
+                if missing:
+                    raise ValueError(f"Layers {missing} were not called by the forward pass")
+            for name in layers:
+                grams[name].append(streams[name].compute())
     return {name: (grams[name], torch.cat(peaks[name])) for name in layers}
 
 
@@ -570,9 +587,17 @@ class FeatureEvolution(_VisMonitor):
             prev, first = self._grams_prev.get(name), self._grams_first.get(name)
             to_prev = cka_from_grams(prev, grams) if prev is not None else None
             to_first = cka_from_grams(first, grams) if first is not None else None
-            if to_prev is not None:
+            if to_prev is not None and not math.isfinite(to_prev):
+                self._warn_once(
+                    f"cka-undefined-{name}",
+                    f"FeatureEvolution: CKA of {name!r} is undefined at epoch {epoch}: its activations barely vary "
+                    "across the probe images (the HSIC estimate is <= 0), e.g. a 1x1 map after global pooling of "
+                    "an untrained net; no cka/ scalar is logged for it until they do.",
+                )
+            elif to_prev is not None:
                 metrics[f"cka/{name}"] = to_prev
-                metrics[f"cka_first/{name}"] = to_first
+                if to_first is not None and math.isfinite(to_first):
+                    metrics[f"cka_first/{name}"] = to_first
                 self.cka.setdefault(name, []).append((epoch, to_prev, to_first))
                 self._streak[name] = self._streak.get(name, 0) + 1 if to_prev >= self.threshold else 0
                 if self._streak[name] >= 2 and self.settled.get(name) is None:
