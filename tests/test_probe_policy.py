@@ -168,3 +168,12 @@ def test_find_labels_and_to_model():
     assert find_labels((x, y), n=4) is None
     net = nn.Conv2d(1, 1, 1).to(torch.bfloat16)
     assert to_model(net, x).dtype == torch.bfloat16
+
+
+def test_fast_dev_run_does_not_warn_about_a_missing_tensorboard_logger(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, callbacks=_all_four(), fast_dev_run=True).fit(make_module(small_cnn()))
+    assert not [w for w in caught if "TensorBoardLogger" in str(w.message) or "DummyLogger" in str(w.message)]

@@ -324,6 +324,8 @@ class _VisMonitor(*_CALLBACK_BASES):
 
     def _check_loggers(self, trainer: Any) -> None:
         """Warn once per Trainer (for all our callbacks together) when images cannot be shown."""
+        if getattr(trainer, "fast_dev_run", False):
+            return  # Lightning swaps the loggers for a DummyLogger and says so itself
         said = _LOGGER_WARNINGS.setdefault(trainer, set())
         ours = ", ".join(dict.fromkeys(type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, _VisMonitor)))
         if not trainer.loggers:
