@@ -28,6 +28,7 @@ import torch
 
 __all__ = [
     "CKAAccumulator",
+    "StreamingGram",
     "cka_from_grams",
     "gram_matrices",
     "hsic1",
@@ -147,6 +148,74 @@ def gram_matrices(X: torch.Tensor, *, batch_size: int | None = None) -> list[tor
             chunk = chunk.float()
         grams.append((chunk @ chunk.T).double())
     return grams
+
+
+class StreamingGram:
+    """The centered Gram matrix of one minibatch whose examples arrive in chunks.
+
+    Equals ``gram_matrices(torch.cat(chunks))[0]`` (up to float32 round-off) without
+    running the whole minibatch through the network at once: each chunk's flattened
+    activations are copied (on their device while the minibatch's total stays under
+    ``keep_elements``, else into host memory), and the ``n × n`` matrix is built block
+    by block at :meth:`compute`, two chunks on the device at a time. With ``n`` given, a
+    chunk holding the whole minibatch gives its Gram matrix at once (nothing is kept).
+
+    Example::
+
+        >>> X = torch.randn(10, 3, 4, 4)
+        >>> acc = StreamingGram(keep_elements=0)  # every chunk goes to host memory
+        >>> for part in X.split(4):
+        ...     acc.add(part)
+        >>> torch.allclose(acc.compute(), gram_matrices(X)[0], atol=1e-4)
+        True
+    """
+
+    def __init__(self, n: int | None = None, *, keep_elements: int = 2**24) -> None:
+        self.n = n
+        self.keep_elements = keep_elements
+        self.gram: torch.Tensor | None = None
+        self.chunks: list[torch.Tensor] = []
+        self.total: torch.Tensor | None = None
+        self.count = 0
+        self.device: torch.device | None = None
+
+    def add(self, X: torch.Tensor) -> None:
+        """Add the activations ``[b, ...]`` of the next ``b`` examples."""
+        flat = _flat(X)
+        if not flat.is_floating_point() or flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()
+        self.device = flat.device
+        if self.count == 0 and flat.shape[0] == self.n:
+            (self.gram,) = gram_matrices(flat)
+            self.count = flat.shape[0]
+            return
+        flat = flat.clone() if flat.data_ptr() == X.data_ptr() else flat  # the network may modify X in place
+        part = flat.sum(dim=0, dtype=torch.float64)
+        self.total = part if self.total is None else self.total + part
+        self.count += flat.shape[0]
+        self.chunks.append(flat)
+        if sum(c.numel() for c in self.chunks) > self.keep_elements:
+            self.chunks = [c.cpu() for c in self.chunks]
+
+    def compute(self) -> torch.Tensor:
+        """The float64 ``[n, n]`` Gram matrix of the centered examples."""
+        if self.gram is not None:
+            return self.gram
+        if len(self.chunks) == 1:  # the minibatch came whole: exactly gram_matrices
+            (K,) = gram_matrices(self.chunks[0].to(self.device))
+            return K
+        mean = (self.total / self.count).to(self.chunks[0].dtype)
+        sizes = [c.shape[0] for c in self.chunks]
+        K = torch.empty((self.count, self.count), dtype=torch.float64, device=self.device)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        for i, (a0, Xi) in enumerate(zip(starts, self.chunks)):
+            A = Xi.to(self.device) - mean
+            for b0, Xj in zip(starts[i:], self.chunks[i:]):
+                B = A if Xj is Xi else Xj.to(self.device) - mean
+                block = (A @ B.T).double()
+                K[a0 : a0 + A.shape[0], b0 : b0 + B.shape[0]] = block
+                K[b0 : b0 + B.shape[0], a0 : a0 + A.shape[0]] = block.T
+        return K
 
 
 def _normalise(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor) -> float:

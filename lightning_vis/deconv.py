@@ -33,9 +33,11 @@ METHODS = {
     "saliency": "saliency: plain gradient (autograd everywhere)",
 }
 
-#: Elements of backward signal the batched backward may hold at once (about 256 MB in
-#: float32), see ``max_rows``.
-_ROW_BUDGET = 2**26
+#: Elements of backward signal the batched backward may hold at once (2**25: 128 MB in
+#: float32; the backward's peak is a small multiple of it), see ``max_rows``. Keeps a
+#: projection's extra memory within the probe budget (DESIGN: at most 10% or 256 MB on
+#: top of a training step's peak).
+_ROW_BUDGET = 2**25
 
 
 @dataclass
@@ -299,8 +301,12 @@ def project(
     batch-mates. Gradients are taken with respect to a copy of ``images`` only; the
     model runs under :func:`~lightning_vis.isolation.isolated` (eval mode, gradients on
     even inside ``torch.inference_mode``, autocast off, everything restored), and every
-    hook and mode is removed afterwards, also on errors. Compiled and DDP-wrapped
-    models are projected through their eager module.
+    hook and mode is removed afterwards, also on errors. The projection is computed in
+    full fp32: TF32 is switched off for cuDNN convolutions and cuBLAS matmuls and the
+    float32 matmul precision is ``"highest"`` inside (restored after), so on a GPU it
+    gives the same units and values (within ~1e-4 relative) as on the CPU; with TF32 on
+    (PyTorch's default for cuDNN) projections differ by up to ~20% of their maximum.
+    Compiled and DDP-wrapped models are projected through their eager module.
 
     Args:
         model: the network (any ``nn.Module``; ``torch.compile`` / DDP wrappers unwrapped).
@@ -313,7 +319,7 @@ def project(
             every image) or ``[N, K]``.
         method: ``"deconvnet"``, ``"guided"`` or ``"saliency"``.
         max_rows: at most this many backward rows at once (each row holds one unit of
-            every image); default: as many as fit in about 2**26 elements of backward
+            every image); default: as many as fit in about 2**25 elements of backward
             signal (4 × the largest activation map per row).
         forward: how to run ``model`` on the images (default ``model(images)``), e.g.
             for a ``forward`` that takes more arguments than the images.

@@ -2,9 +2,12 @@
 
 :func:`isolated` is the probe-isolation context every callback uses: inside it the model
 is in eval mode, gradients are enabled (also inside ``torch.inference_mode``), autocast is
-off; on exit, every module's ``training`` flag, every buffer, every parameter's ``.grad``
-and ``requires_grad``, and the torch, CUDA, numpy and ``random`` RNG states are exactly
-as they were, also when the body raises.
+off and float32 math is full fp32 (TF32 off for cuBLAS matmuls and cuDNN convolutions,
+float32 matmul precision ``"highest"``: :func:`full_fp32`), so a probe on a GPU gives the
+same units and values as on the CPU; on exit, every module's ``training`` flag, every
+buffer, every parameter's ``.grad`` and ``requires_grad``, the torch, CUDA, numpy and
+``random`` RNG states and those settings are exactly as they were, also when the body
+raises.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["isolated", "preserved_rng"]
+__all__ = ["full_fp32", "isolated", "preserved_rng"]
+
+# op-level float32 precision settings of torch >= 2.9 (absent before: the legacy flags suffice)
+_FP32_OPS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
 
 
 @contextmanager
@@ -46,9 +52,70 @@ def preserved_rng() -> Iterator[None]:
         random.setstate(py_state)
 
 
+def _fp32_settings() -> list:
+    found = []
+    for path in _FP32_OPS:
+        obj = torch.backends
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+        if obj is not None and hasattr(obj, "fp32_precision"):
+            found.append(obj)
+    return found
+
+
+@contextmanager
+def full_fp32() -> Iterator[None]:
+    """Full fp32 inside: no TF32 (cuBLAS, cuDNN) and no reduced-precision float32 matmuls.
+
+    PyTorch lets cuDNN convolutions use TF32 by default, and ``float32_matmul_precision``
+    ``"high"``/``"medium"`` lets matmuls use TF32 or bf16 (also on the CPU, through
+    oneDNN): a projection computed so differs from the CPU's by up to ~20% of its maximum.
+    Inside, ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32``
+    are False, ``torch.get_float32_matmul_precision()`` is ``"highest"``, and the
+    op-level ``fp32_precision`` settings of newer PyTorch are ``"ieee"``. Every setting is
+    restored on exit, also when the body raises. Works without a GPU (the flags are global).
+
+    Example::
+
+        >>> before = torch.get_float32_matmul_precision()
+        >>> with full_fp32():
+        ...     torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+        (False, 'highest')
+        >>> torch.get_float32_matmul_precision() == before
+        True
+    """
+    settings = _fp32_settings()
+    saved = [s.fp32_precision for s in settings]
+    precision = torch.get_float32_matmul_precision()
+    try:
+        cudnn = torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # legacy and op-level settings were mixed: the op-level ones are restored below
+        cudnn = None
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        for s in settings:
+            s.fp32_precision = "ieee"
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)  # also restores cuda.matmul.allow_tf32
+        if cudnn is not None:
+            torch.backends.cudnn.allow_tf32 = cudnn
+        for s, value in zip(settings, saved):
+            s.fp32_precision = value
+
+
 @contextmanager
 def isolated(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Module]:
     """Probe isolation: whatever runs inside leaves ``model`` and the RNGs exactly as found.
+
+    Inside: eval mode (unless ``eval_mode=False``), gradients enabled even under
+    ``torch.inference_mode``, autocast off (CPU and CUDA) and full fp32 (:func:`full_fp32`:
+    TF32 off for cuDNN and cuBLAS, float32 matmul precision ``"highest"``), so probe
+    computations on a GPU match the CPU's. Restored on exit, also on errors: every
+    module's ``training`` flag, buffers, parameters' ``.grad`` and ``requires_grad``, the
+    RNG states, the autocast state and the TF32 / matmul-precision settings.
 
     Args:
         model: the module to protect.
@@ -77,6 +144,7 @@ def isolated(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Module]
             stack.enter_context(torch.autocast("cpu", enabled=False))
             if torch.cuda.is_available():
                 stack.enter_context(torch.autocast("cuda", enabled=False))
+            stack.enter_context(full_fp32())
             yield model
         finally:
             for m, flag in training:

@@ -16,7 +16,8 @@ from torch import nn
 
 from lightning_vis import project
 from lightning_vis.deconv import METHODS, Projection
-from lightning_vis.render import projection_panel, support_boxes
+from lightning_vis.render import CARD_WIDTH_PX, projection_panel, support_boxes
+from lightning_vis.render._core import _panel_geometry
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:captum.*")
 
@@ -511,8 +512,9 @@ def test_channels_last():
 
 def test_wrapped_models_are_unwrapped():
     net, x = make_net(), images(1)
-    ref = project(net, x, "conv4", top_k=2)
     for wrapped in (nn.DataParallel(net), torch.compile(net)):
+        # the reference after wrapping: with one GPU present, DataParallel moves the net to cuda:0
+        ref = project(net, x, "conv4", top_k=2)
         torch.testing.assert_close(project(wrapped, x, "conv4", top_k=2).images, ref.images)
 
 
@@ -577,13 +579,17 @@ def test_projection_panel_shape_and_mid_grey_zero():
     p = project(net, x, "conv4", top_k=3)
     img = projection_panel(x, p, cell_px=20, gap=3)
     assert img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3
-    assert img.shape[1] >= 2 * 20 and img.shape[2] >= 20 + 3 * 2 * 20
+    assert img.shape[1] >= 2 * 20 and img.shape[2] >= 20 + 2 * 20  # per image a block: image + >= 1 pair per line
     zero = Projection(torch.zeros_like(p.images), p.channels, p.locations, torch.zeros(2, 3), "conv4", "deconvnet", "")
     flat = projection_panel(x, zero, cell_px=20, gap=3, labels=False)
-    frame = 1
-    y = 3 + frame
-    x0 = 3 + 20 + 2 * frame + 3 + frame  # first projection cell of row 0
-    assert (flat[:, y : y + 20, x0 : x0 + 20] == 128).all()
+    g = _panel_geometry(2, 3, 16, 16, cell_px=20, width_px=CARD_WIDTH_PX, gap=3, labels=False, font_px=None)
+    assert flat.shape[1:] == (g["height"], g["width"])
+    for i in range(2):  # every projection cell (block i, unit j) is flat mid-grey
+        for j in range(3):
+            line, col = divmod(j, g["per_row"])
+            y = 3 + i * (g["block_h"] + g["sep"]) + line * (g["slot_h"] + 3) + g["frame"]
+            x0 = 3 + g["img_w"] + 2 * 3 + col * (g["pair_w"] + 3) + g["frame"]
+            assert (flat[:, y : y + 20, x0 : x0 + 20] == 128).all()
     with pytest.raises(ValueError, match="do not match"):
         projection_panel(x[:1], p)
 

@@ -7,12 +7,13 @@ from Pillow, colour maps from matplotlib.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torchvision.utils import make_grid
 
 __all__ = [
+    "CARD_WIDTH_PX",
     "activity_heatmap",
     "evolution_strip",
     "filter_grid",
@@ -22,6 +23,11 @@ __all__ = [
     "to_uint8",
     "upscale",
 ]
+
+#: Width in pixels of an image card in TensorBoard's Images tab (``tf-image-loader``: 350 px, the image
+#: drawn at ``width: 100%`` with ``image-rendering: pixelated``). A wider picture is shrunk by dropping
+#: pixel rows and columns, which erases thin lines and text; every picture here is laid out to fit it.
+CARD_WIDTH_PX = 350
 
 #: Frame colour of filters marked dead (RGB in [0, 1]).
 DEAD_RGB = (0.9, 0.1, 0.1)
@@ -67,6 +73,13 @@ def _framed(cells: torch.Tensor, dead: torch.Tensor, width: int) -> torch.Tensor
     return out
 
 
+def _fit_factor(factor: int, width: Callable[[int], int], width_px: int | None) -> int:
+    """The largest upscaling factor <= ``factor`` (and >= 1) whose picture is at most ``width_px`` wide."""
+    while width_px is not None and factor > 1 and width(factor) > width_px:
+        factor -= 1
+    return factor
+
+
 def filter_grid(
     weight: torch.Tensor,
     *,
@@ -77,15 +90,18 @@ def filter_grid(
     max_inputs: int = 16,
     nrow: int | None = None,
     zero_tol: float = 1e-6,
+    width_px: int | None = CARD_WIDTH_PX,
 ) -> torch.Tensor:
-    """A convolution's filters as one image: a framed cell per filter.
+    """A convolution's filters as one image: a framed cell per filter, in a near-square grid.
 
-    Filters over 3 input channels are drawn in colour; other filters as a row of grey
-    tiles, one per input channel (grouped and depthwise convolutions: the channels each
-    filter sees). Cells are upscaled (nearest) to about ``cell_px`` pixels so a 3×3 or
-    7×7 filter is visible. Filters whose weight norm is (near) zero, and those listed in
-    ``dead``, get a red frame; the others a dark one. A filter with constant weights is
-    flat mid-grey.
+    Filters over 3 input channels are drawn in colour; other filters as a near-square
+    mosaic of grey tiles, one per input channel in reading order (grouped and depthwise
+    convolutions: the channels each filter sees). Tiles are upscaled (nearest) to about
+    ``cell_px`` pixels so a 3×3 or 7×7 filter is visible, less where the grid would
+    otherwise be wider than ``width_px`` (TensorBoard's Images card, which shrinks wider
+    pictures by dropping pixels). Filters whose weight norm is (near) zero, and those
+    listed in ``dead``, get a red frame; the others a dark one. A filter with constant
+    weights is flat mid-grey.
 
     Args:
         weight: ``[out, in/groups, kH, kW]`` (Conv1d ``[out, in, k]`` and Conv3d, whose
@@ -98,6 +114,8 @@ def filter_grid(
         max_inputs: for grey filters, draw at most this many input channels.
         nrow: cells per grid row; default: about a square grid.
         zero_tol: a filter is zero when its norm is at most ``zero_tol`` × the largest norm.
+        width_px: shrink the tiles (down to 1 pixel per weight) until the grid is at most
+            this wide; ``None``: always ``cell_px``.
 
     Returns:
         uint8 tensor ``[3, H, W]``.
@@ -112,6 +130,8 @@ def filter_grid(
         >>> img = filter_grid(w, cell_px=10)
         >>> img.dtype, img.shape
         (torch.uint8, torch.Size([3, 44, 44]))
+        >>> filter_grid(torch.randn(64, 3, 7, 7)).shape[2] <= CARD_WIDTH_PX  # fits the card
+        True
     """
     if normalize not in ("filter", "layer"):
         raise ValueError(f"Invalid value for normalize={normalize!r}. Must be one of 'filter', 'layer'")
@@ -130,20 +150,32 @@ def filter_grid(
     w, is_dead = w[:max_filters], is_dead[:max_filters]
     n, c_in, kh, kw = w.shape
     dims = (1, 2, 3) if normalize == "filter" else (0, 1, 2, 3)
-    factor = max(1, round(cell_px / max(kh, kw)))
-    if c_in == 3:
+    colour = c_in == 3
+    k = 1 if colour else min(c_in, max_inputs)
+    tiles_x = math.ceil(math.sqrt(k))
+    tiles_y = math.ceil(k / tiles_x)
+
+    def geometry(factor: int) -> tuple[int, int, int, int]:  # cell height, cell width, columns, grid width
+        gap, frame = max(1, factor // 3), max(1, factor // 4)
+        cell_h = tiles_y * kh * factor + (tiles_y - 1) * gap + 2 * frame
+        cell_w = tiles_x * kw * factor + (tiles_x - 1) * gap + 2 * frame
+        cols = nrow or max(1, math.ceil(math.sqrt(n * cell_h / cell_w)))
+        return cell_h, cell_w, cols, min(cols, n) * (cell_w + 2) + 2
+
+    factor = _fit_factor(max(1, round(cell_px / max(kh, kw))), lambda f: geometry(f)[3], width_px)
+    if colour:
         cells = upscale(_scale(w, dims), factor)
     else:
-        tiles = upscale(_scale(w[:, :max_inputs], dims), factor)  # [n, k, H, W]
-        k, th, tw = tiles.shape[1], tiles.shape[2], tiles.shape[3]
+        tiles = upscale(_scale(w[:, :k], dims), factor)  # [n, k, H, W]
+        th, tw = tiles.shape[2], tiles.shape[3]
         gap = max(1, factor // 3)
-        row = torch.full((n, th, k * tw + (k - 1) * gap), _FRAME_RGB[0])
+        mosaic = torch.full((n, tiles_y * th + (tiles_y - 1) * gap, tiles_x * tw + (tiles_x - 1) * gap), _FRAME_RGB[0])
         for i in range(k):
-            row[:, :, i * (tw + gap) : i * (tw + gap) + tw] = tiles[:, i]
-        cells = row.unsqueeze(1).expand(n, 3, *row.shape[1:])
+            y, x = (i // tiles_x) * (th + gap), (i % tiles_x) * (tw + gap)
+            mosaic[:, y : y + th, x : x + tw] = tiles[:, i]
+        cells = mosaic.unsqueeze(1).expand(n, 3, *mosaic.shape[1:])
     framed = _framed(cells, is_dead, width=max(1, factor // 4))
-    nrow = nrow or max(1, math.ceil(math.sqrt(n * framed.shape[2] / framed.shape[3])))
-    return to_uint8(make_grid(framed, nrow=nrow, padding=2, pad_value=1.0))
+    return to_uint8(make_grid(framed, nrow=geometry(factor)[2], padding=2, pad_value=1.0))
 
 
 # --------------------------------------------------------------------------- feature evolution
@@ -154,6 +186,33 @@ def _font(size: int) -> object:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: one fixed-size bitmap font
         return ImageFont.load_default()
+
+
+#: Stand-ins for characters Pillow's default font (Aileron) draws as an empty box.
+_SUBSTITUTES = {"\u2192": "->", "\u2190": "<-", "\u00d7": "x", "\u2014": "-", "\u2013": "-", "\u2026": "..."}
+
+
+def _drawable(text: str, font: object) -> str:
+    """``text`` with the characters ``font`` lacks (drawn as its empty box) spelled in ASCII.
+
+    Example::
+
+        >>> _drawable("conv1 \u2192 relu#0", _font(12))
+        'conv1 -> relu#0'
+    """
+    if text.isascii():
+        return text
+
+    def glyph(ch: str) -> tuple:
+        mask = font.getmask(ch)
+        return mask.size, tuple(mask.histogram())
+
+    missing = glyph("\ue000")  # a private-use code point: the font's "no glyph" box
+
+    def ok(ch: str) -> bool:
+        return ch.isascii() or glyph(ch) != missing
+
+    return "".join(ch if ok(ch) else _SUBSTITUTES.get(ch, "?") for ch in text)
 
 
 def signed_thumbnail(projection: torch.Tensor, *, max_px: int | None = None) -> torch.Tensor:
@@ -202,6 +261,7 @@ def evolution_strip(
     cell_px: int = 48,
     gap: int = 2,
     font_px: int = 11,
+    width_px: int | None = CARD_WIDTH_PX,
 ) -> torch.Tensor:
     """Feature evolution as one image (Zeiler & Fergus 2014, Fig. 4): units × snapshots.
 
@@ -210,7 +270,15 @@ def evolution_strip(
     Pillow. Thumbnails are upscaled (nearest, integer factor) to about ``cell_px`` pixels;
     grey thumbnails (one channel) are drawn grey. The background is white. Columns are
     widened (cells centred) where a column label is wider than a cell, so labels never
-    overlap; otherwise adding a column only appends to the right.
+    overlap.
+
+    The strip stays at most ``width_px`` wide (TensorBoard's Images card): when the
+    columns no longer fit, they wrap into bands stacked top to bottom, each band a full
+    row of columns with its own labels (read the bands like lines of text). Cells shrink
+    (never below the thumbnails' own size) until a band holds at least twice as many
+    columns as there are rows (and 4), so 16 snapshots stay about square. A new column
+    only adds to the last band: the earlier strip is the top-left corner of the new one,
+    but for the new column drawn where it was white.
 
     Args:
         thumbnails: ``[R, T, C, h, w]`` (``C`` = 1 or 3), uint8, or float in [0, 1].
@@ -219,6 +287,7 @@ def evolution_strip(
         cell_px: approximate size of a cell in pixels.
         gap: white pixels between cells.
         font_px: label font size (Pillow's default font).
+        width_px: wrap the columns into bands to stay this narrow; ``None``: one band.
 
     Returns:
         uint8 tensor ``[3, H, W]``.
@@ -232,6 +301,9 @@ def evolution_strip(
         >>> img = evolution_strip(t, ["ch 0", "ch 5"], ["ep 1", "ep 2", "ep 5"], cell_px=16)
         >>> img.dtype, img.shape[0], img.shape[2] > 3 * 16
         (torch.uint8, 3, True)
+        >>> long = evolution_strip(torch.zeros(4, 16, 3, 32, 32, dtype=torch.uint8), cell_px=48)
+        >>> long.shape[2] <= CARD_WIDTH_PX < 16 * 48  # 16 snapshots wrap into bands
+        True
     """
     if thumbnails.ndim != 5 or thumbnails.shape[2] not in (1, 3):
         raise ValueError(
@@ -249,36 +321,60 @@ def evolution_strip(
     cells = cells.cpu()
     if c == 1:
         cells = cells.expand(rows, cols, 3, h, w)
-    factor = max(1, round(cell_px / max(h, w)))
-    cells = upscale(cells, factor)
-    ch, cw = h * factor, w * factor
 
     import numpy as np
     from PIL import Image, ImageDraw
 
     font = _font(font_px)
+    row_labels, col_labels = [_drawable(t, font) for t in row_labels], [_drawable(t, font) for t in col_labels]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     boxes = {t: measure.textbbox((0, 0), t, font=font) for t in row_labels + col_labels}
     text_h = max((b[3] - b[1] for b in boxes.values()), default=0)
     top = text_h + 3 * gap if col_labels else gap
     left = max((boxes[t][2] - boxes[t][0] for t in row_labels), default=0) + 3 * gap if row_labels else gap
-    pitch = max([cw] + [boxes[t][2] - boxes[t][0] + 2 for t in col_labels])  # labels never overlap
+    label_w = max([boxes[t][2] - boxes[t][0] + 2 for t in col_labels], default=0)
+
+    def per_band(factor: int) -> int:  # columns that fit in width_px
+        pitch = max(w * factor, label_w)
+        return cols if width_px is None else max(1, (width_px - left) // (pitch + gap))
+
+    factor = max(1, round(cell_px / max(h, w)))
+    # Cells shrink (never below the thumbnails' own size) until a band holds 2 columns per row, at
+    # least 4: about square at 16 snapshots. It does not depend on the number of columns, so cells
+    # keep their size as the strip grows.
+    while width_px is not None and factor > 1 and per_band(factor) < max(4, 2 * rows):
+        factor -= 1
+    cells = upscale(cells, factor)
+    ch, cw = h * factor, w * factor
+    pitch = max(cw, label_w)  # labels never overlap
     pad = (pitch - cw) // 2
-    canvas = torch.full((3, top + rows * (ch + gap), left + cols * (pitch + gap)), 255, dtype=torch.uint8)
-    for r in range(rows):
-        for t in range(cols):
-            y, x = top + r * (ch + gap), left + t * (pitch + gap) + pad
-            canvas[:, y : y + ch, x : x + cw] = cells[r, t]
+    band_cols = min(cols, per_band(factor))
+    bands = math.ceil(cols / band_cols)
+    band_h = top + rows * (ch + gap)
+    sep = 3 * gap  # extra white between bands
+    height, width = bands * band_h + (bands - 1) * sep, left + band_cols * (pitch + gap)
+    canvas = torch.full((3, height, width), 255, dtype=torch.uint8)
+
+    def origin(t: int) -> tuple[int, int]:  # top-left corner of column t's band row 0, and its x
+        b, i = divmod(t, band_cols)
+        return b * (band_h + sep), left + i * (pitch + gap)
+
+    for t in range(cols):
+        y0, x0 = origin(t)
+        for r in range(rows):
+            y = y0 + top + r * (ch + gap)
+            canvas[:, y : y + ch, x0 + pad : x0 + pad + cw] = cells[r, t]
     image = Image.fromarray(canvas.permute(1, 2, 0).contiguous().numpy())
     draw = ImageDraw.Draw(image)
     for t, text in enumerate(col_labels):  # centred above its column
-        x0, y0, x1, _ = boxes[text]
-        x = left + t * (pitch + gap) + (pitch - (x1 - x0)) // 2
-        draw.text((x - x0, gap - y0), text, fill=(0, 0, 0), font=font)
-    for r, text in enumerate(row_labels):  # vertically centred left of its row
-        x0, y0, _, y1 = boxes[text]
-        y = top + r * (ch + gap) + (ch - (y1 - y0)) // 2
-        draw.text((gap - x0, y - y0), text, fill=(0, 0, 0), font=font)
+        y0, x = origin(t)
+        x0, b0, x1, _ = boxes[text]
+        draw.text((x + (pitch - (x1 - x0)) // 2 - x0, y0 + gap - b0), text, fill=(0, 0, 0), font=font)
+    for b in range(bands):
+        for r, text in enumerate(row_labels):  # vertically centred left of its row, in every band
+            x0, y0, _, y1 = boxes[text]
+            y = b * (band_h + sep) + top + r * (ch + gap) + (ch - (y1 - y0)) // 2
+            draw.text((gap - x0, y - y0), text, fill=(0, 0, 0), font=font)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
 
 
@@ -289,15 +385,20 @@ def activity_heatmap(
     floor: float = 1e-3,
     cmap: str = "viridis",
     max_channels: int = 512,
-    width_px: int = 800,
+    width_px: int = CARD_WIDTH_PX,
 ) -> torch.Tensor:
-    """Per-channel firing rates of several sites as one heatmap: sites × channels.
+    """Per-channel firing rates of several sites as one heatmap: a block of cells per site.
 
-    One row per site (labelled), one cell per channel, coloured by firing rate on a log
-    scale from ``floor`` to 1 (matplotlib colour map ``cmap``; a colour scale below).
-    Channels that never fired (rate 0: dead) are bright red, so dead channels stand out
-    at a glance; rows shorter than the widest site are padded with light grey. Drawn
-    with Pillow (a few milliseconds), no matplotlib figure.
+    Each site gets a heading (its name, channel count and how many channels are dead)
+    and a block of cells, one per channel in reading order, wrapped into lines of
+    ``per_line`` channels (a multiple of 8, the same for every site) with the first
+    channel's index at the left of each line. Cells are coloured by firing rate on a log
+    scale from ``floor`` to 1 (matplotlib colour map ``cmap``; a colour scale below);
+    channels that never fired (rate 0: dead) are bright red, so dead channels stand out
+    at a glance; the unused end of a site's last line is light grey. The line length is
+    chosen so that the image is ``width_px`` wide (TensorBoard's Images card) and close
+    to square: the largest cells that keep the height within 1.5 × the width. Drawn with
+    Pillow (a few milliseconds), no matplotlib figure.
 
     Args:
         rates: site name -> ``[C]`` firing rates in [0, 1], in display order (top first).
@@ -305,20 +406,21 @@ def activity_heatmap(
         floor: lowest rate of the colour scale; smaller positive rates get its colour.
         cmap: a matplotlib colour map name.
         max_channels: show at most this many channels per site (the first ones).
-        width_px: approximate image width in pixels.
+        width_px: image width in pixels (at least 200).
 
     Returns:
         uint8 tensor ``[3, H, W]``.
 
     Raises:
-        ValueError: ``rates`` is empty, ``floor`` is not in (0, 1), or ``cmap`` is unknown.
+        ValueError: ``rates`` is empty, ``floor`` is not in (0, 1), ``cmap`` is unknown,
+            or ``width_px`` < 200.
 
     Example::
 
         >>> img = activity_heatmap({"features.1": torch.tensor([0.0, 0.5, 1.0]),
         ...                         "features.4": torch.tensor([1.0, 0.002])}, title="step 100")
-        >>> img.dtype, img.shape[0]
-        (torch.uint8, 3)
+        >>> img.dtype, img.shape[0], img.shape[2]
+        (torch.uint8, 3, 350)
         >>> red = (img[0] == 230) & (img[1] == 26) & (img[2] == 26)  # dead: DEAD_RGB
         >>> bool(red.any())
         True
@@ -333,6 +435,8 @@ def activity_heatmap(
         raise ValueError(f"Invalid value for floor={floor!r}. Must be in (0, 1)")
     if cmap not in matplotlib.colormaps:
         raise ValueError(f"Unknown colour map cmap={cmap!r}; e.g. 'viridis', 'magma', 'cividis'")
+    if isinstance(width_px, bool) or not isinstance(width_px, int) or width_px < 200:
+        raise ValueError(f"Invalid value for width_px={width_px!r}. Must be an int >= 200")
     lut = torch.from_numpy(matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3]).float()  # [256, 3]
     dead_rgb, pad_rgb = torch.tensor(DEAD_RGB), torch.tensor((0.93, 0.93, 0.93))
 
@@ -341,47 +445,67 @@ def activity_heatmap(
         rgb = lut[(t * 255).round().long()]
         return torch.where((values <= 0).unsqueeze(-1), dead_rgb, rgb)
 
-    names = [n if len(n) <= 28 else "…" + n[-27:] for n in rates]
     rows = [rates[n].detach().float().cpu().flatten()[:max_channels] for n in rates]
-    channels = max(max(r.numel() for r in rows), 1)
-    font = _font(12)
+    widest = max(max(r.numel() for r in rows), 1)
+    font, small = _font(13), _font(10)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max(int(measure.textlength(n, font=font)) for n in names) + 12
-    cell_w = max(1, min(24, (width_px - label_w - 16) // channels))
-    row_h, gap, pad = 16, 2, 8
-    top = pad + (20 if title else 0)
-    grid_w = cell_w * channels
-    grid_h = len(rows) * (row_h + gap) - gap
-    bar_top = top + grid_h + 10
-    height = bar_top + 10 + 22
-    width = max(label_w + grid_w + pad, label_w + 260 + pad)
-    canvas = torch.ones(height, width, 3)
-    for i, r in enumerate(rows):
-        y = top + i * (row_h + gap)
-        line = pad_rgb.expand(channels, 3).clone()
-        line[: r.numel()] = colours(r)
-        cells = line.repeat_interleave(cell_w, dim=0)  # [grid_w, 3]
-        canvas[y : y + row_h, label_w : label_w + grid_w] = cells.unsqueeze(0)
+    pad, head_h, line_gap = 6, 18, 1
+    title_h = 22 if title else 0
+    legend_h = 30  # the colour scale: the bottom 30 rows
+    gutter = int(measure.textlength(str(8 * ((widest - 1) // 8)), font=small)) + 6  # line-start indices
+
+    def layout(per_line: int) -> tuple[int, int]:  # cell side, image height
+        cell = (width_px - 2 * pad - gutter) // per_line
+        lines = sum(max(1, math.ceil(r.numel() / per_line)) for r in rows)
+        return cell, pad + title_h + len(rows) * (head_h + 4) + lines * (cell + line_gap) + legend_h + pad
+
+    candidates = [k for k in range(8, max(8, widest) + 8, 8) if layout(k)[0] >= 3] or [8]
+    fitting = [k for k in candidates if layout(k)[1] <= 1.5 * width_px]
+    per_line = min(fitting) if fitting else max(candidates)
+    cell, height = layout(per_line)
+    canvas = torch.ones(height, width_px, 3)
+    x0 = pad + gutter
+    y = pad + title_h
+    labels = []  # (xy, text, font) drawn afterwards
+    for name, r in zip(rates, rows):
+        dead = int((r <= 0).sum())
+        name = _drawable(name, font)
+        heading = f"{name}: {r.numel()} ch, {dead} dead"
+        while measure.textlength(heading, font=font) > width_px - 2 * pad and len(name) > 4:
+            name = "…" + name[2:]
+            heading = f"{name}: {r.numel()} ch, {dead} dead"
+        labels.append(((pad, y + 2), heading, font))
+        y += head_h + 4
+        lines = max(1, math.ceil(r.numel() / per_line))
+        slots = pad_rgb.expand(lines * per_line, 3).clone()
+        slots[: r.numel()] = colours(r)
+        for i in range(lines):
+            block = slots[i * per_line : (i + 1) * per_line].repeat_interleave(cell, dim=0)  # [per_line * cell, 3]
+            canvas[y : y + cell, x0 : x0 + per_line * cell] = block.unsqueeze(0)
+            if cell >= 6:  # a white seam between cells
+                canvas[y : y + cell, x0 + cell - 1 : x0 + per_line * cell : cell] = 1.0
+            text = str(i * per_line)
+            labels.append(((x0 - 4 - measure.textlength(text, font=small), y + (cell - 11) // 2), text, small))
+            y += cell + line_gap
     # colour scale: a red "dead" box, then floor .. 1 on the log scale
-    bar_w = max(160, min(grid_w, 400) - 40)
-    canvas[bar_top : bar_top + 10, label_w : label_w + 24] = dead_rgb
+    bar_top = height - pad - legend_h + 6
+    canvas[bar_top : bar_top + 10, x0 : x0 + 20] = dead_rgb
+    bar_w = width_px - x0 - 52 - pad - 62
     ramp = torch.logspace(math.log10(floor), 0, bar_w)
-    canvas[bar_top : bar_top + 10, label_w + 44 : label_w + 44 + bar_w] = colours(ramp).unsqueeze(0)
+    canvas[bar_top : bar_top + 10, x0 + 52 : x0 + 52 + bar_w] = colours(ramp).unsqueeze(0)
     image = Image.fromarray((canvas * 255).round().to(torch.uint8).numpy())
     draw = ImageDraw.Draw(image)
     if title:
-        draw.text((label_w, pad), title, fill=(0, 0, 0), font=font)
-    for i, n in enumerate(names):
-        y = top + i * (row_h + gap) + 1
-        draw.text((label_w - 6 - measure.textlength(n, font=font), y), n, fill=(0, 0, 0), font=font)
-    small = _font(10)
-    draw.text((label_w, bar_top + 11), "dead", fill=(0, 0, 0), font=small)
+        draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
+    for xy, text, f in labels:
+        draw.text(xy, text, fill=(0, 0, 0), font=f)
+    draw.text((x0, bar_top + 11), "dead", fill=(0, 0, 0), font=small)
     decades = int(round(-math.log10(floor)))
     for k in range(decades + 1):
-        x = label_w + 44 + round(k / decades * (bar_w - 1))
+        x = x0 + 52 + round(k / decades * (bar_w - 1))
         label = f"{10 ** (k - decades):g}"
         draw.text((x - measure.textlength(label, font=small) / 2, bar_top + 11), label, fill=(0, 0, 0), font=small)
-    draw.text((label_w + 50 + bar_w, bar_top - 2), "firing rate", fill=(0, 0, 0), font=small)
+    draw.text((x0 + 58 + bar_w, bar_top - 1), "firing rate", fill=(0, 0, 0), font=small)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
 
 
@@ -462,41 +586,95 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(x[None].float(), size=size, mode="nearest-exact")[0]
 
 
+def _panel_geometry(
+    n: int, k: int, h: int, w: int, *, cell_px: int | None, width_px: int | None, gap: int, labels: bool,
+    font_px: int | None,
+) -> dict[str, int]:  # fmt: skip
+    """Sizes in :func:`projection_panel` (see there) of ``n`` blocks of ``k`` units of ``h`` × ``w`` images."""
+
+    def sizes(cell: int, per_row: int) -> dict[str, int]:
+        font = font_px or min(14, max(10, round(cell * 0.36)))
+        frame = max(1, cell // 24)
+        text_h = font + 3 if labels else 0
+        slot_h = text_h + cell + 2 * frame  # one line of pairs: labels above, framed cells
+        lines = math.ceil(k / per_row)
+        block_h = lines * slot_h + (lines - 1) * gap
+        img_h = block_h - text_h
+        img_w = max(1, round(img_h * w / h))
+        pair_w = 2 * cell + 1 + 2 * frame
+        width = gap + img_w + 2 * gap + per_row * (pair_w + gap)
+        sep = 2 * gap + 1  # between blocks: white, a grey rule, white
+        height = gap + n * block_h + (n - 1) * sep + gap
+        return dict(
+            cell=cell, per_row=per_row, font=font, frame=frame, text_h=text_h, slot_h=slot_h, lines=lines,
+            block_h=block_h, img_h=img_h, img_w=img_w, pair_w=pair_w, width=width, sep=sep, height=height,
+        )  # fmt: skip
+
+    best = None
+    for per_row in range(1, k + 1):
+        if per_row > 1 and math.ceil(k / per_row) == math.ceil(k / (per_row - 1)):
+            continue  # same lines, only wider
+        if cell_px is not None:
+            cell = cell_px
+        else:
+            cell = 64
+            while cell > 12 and width_px is not None and sizes(cell, per_row)["width"] > width_px:
+                cell -= 1
+        g = sizes(cell, per_row)
+        fits = width_px is None or g["width"] <= width_px
+        # prefer: fits the card, then the largest cells, then the squarer panel
+        key = (fits, cell, -abs(math.log(g["height"] / g["width"])))
+        if best is None or key > best[0]:
+            best = (key, g)
+    return best[1]
+
+
 def projection_panel(
     images: torch.Tensor,
     projection: object,
     *,
-    cell_px: int = 48,
+    cell_px: int | None = None,
     gap: int = 3,
-    font_px: int = 10,
+    font_px: int | None = None,
     labels: bool = True,
+    width_px: int | None = CARD_WIDTH_PX,
 ) -> torch.Tensor:
     """DeconvNet projections of one layer as one image (Zeiler & Fergus 2014, Fig. 2).
 
-    One row per probe image: the image with the receptive field of each of its top-k
-    units boxed (box colour = unit), then for each unit its projection beside the image
-    patch under its receptive field, both cropped to that field and upscaled to the cell
-    size, framed in the unit's colour and labelled ``c<channel>`` above. Receptive
-    fields are the support of each projection (:func:`support_boxes`), grown to a square.
-    Projections are signed: zero is mid-grey, each scaled by its own max ``|value|``
-    (:func:`signed_thumbnail`); images are min-max scaled per image for display (they
-    are usually normalised). A unit with an all-zero projection gets a flat grey cell
-    beside the whole image and no box.
+    One block per probe image, blocks stacked top to bottom (a grey rule between them).
+    A block holds the image, enlarged, with the receptive field of each of its top-k
+    units boxed (box colour = unit), and beside it a grid of the units, in order of
+    activation, reading left to right: for each unit its projection beside the image
+    patch under its receptive field, both cropped to that field and upscaled (nearest)
+    to the cell size, framed in the unit's colour and labelled ``c<channel>`` above.
+    Receptive fields are the support of each projection (:func:`support_boxes`), grown
+    to a square. Projections are signed: zero is mid-grey, each scaled by its own max
+    ``|value|`` (:func:`signed_thumbnail`); images are min-max scaled per image for
+    display (they are usually normalised). A unit with an all-zero projection gets a
+    flat grey cell beside the whole image and no box.
+
+    The layout is made for TensorBoard's Images card (``width_px``, 350 px): the number
+    of units per line and the cell size are chosen so the panel fits that width with the
+    largest cells (about 3 pairs per line for 9 units), instead of a wide strip that the
+    card would shrink until nothing can be read.
 
     Args:
         images: ``[N, C, H, W]`` the images that were projected.
         projection: a :class:`lightning_vis.deconv.Projection` of those images
             (``images [N, K, C, H, W]``, ``channels [N, K]``).
-        cell_px: side of one cell in pixels.
+        cell_px: side of one cell in pixels; ``None``: the largest (12–64) that fits
+            ``width_px``.
         gap: white pixels between cells.
-        font_px: label font size.
+        font_px: label font size; ``None``: about a third of the cell (10–14).
         labels: draw the ``c<channel>`` labels.
+        width_px: the panel's largest width when ``cell_px`` is ``None``; ``None``: no
+            limit (64-px cells).
 
     Returns:
         uint8 tensor ``[3, H, W]``.
 
     Raises:
-        ValueError: ``images`` and ``projection`` do not match.
+        ValueError: ``images`` and ``projection`` do not match, or ``cell_px`` < 4.
 
     Example::
 
@@ -506,6 +684,8 @@ def projection_panel(
         >>> img = projection_panel(x, project(net, x, "2", top_k=3), cell_px=24)
         >>> img.dtype, img.shape[0], img.shape[1] >= 2 * 24
         (torch.uint8, 3, True)
+        >>> projection_panel(x, project(net, x, "2", top_k=4)).shape[2] <= CARD_WIDTH_PX
+        True
     """
     proj = projection.images.detach().float().cpu()
     chans = projection.channels.cpu()
@@ -514,52 +694,56 @@ def projection_panel(
             f"images {tuple(images.shape)} do not match the projection's images {tuple(proj.shape)} "
             "(expected [N, C, H, W] and [N, K, C, H, W])"
         )
-    if isinstance(cell_px, bool) or not isinstance(cell_px, int) or cell_px < 4:
-        raise ValueError(f"Invalid value for cell_px={cell_px!r}. Must be an int >= 4")
+    if cell_px is not None and (isinstance(cell_px, bool) or not isinstance(cell_px, int) or cell_px < 4):
+        raise ValueError(f"Invalid value for cell_px={cell_px!r}. Must be an int >= 4 or None")
     n, k, _, h, w = proj.shape
     pics = _scale(_as_rgb(images.detach().float().cpu()), (1, 2, 3))  # [N, 3, H, W] in [0, 1]
     thumbs = _as_rgb(signed_thumbnail(_as_rgb(proj) if proj.shape[2] not in (1, 3) else proj)).float() / 255
     boxes = support_boxes(proj).tolist()
 
-    img_h, img_w = cell_px, max(1, round(cell_px * w / h))
-    frame = max(1, cell_px // 24)
-    pair_w = 2 * cell_px + 2 * frame + 1
-    text_h = font_px + 2 if labels else 0
-    row_h = text_h + cell_px + 2 * frame
-    width = gap + img_w + 2 * frame + k * (pair_w + gap) + gap
-    height = gap + n * (row_h + gap)
-    canvas = torch.ones(3, height, width)
-    placed = []  # (kind, colour index, xy box) drawn afterwards with Pillow
+    g = _panel_geometry(n, k, h, w, cell_px=cell_px, width_px=width_px, gap=gap, labels=labels, font_px=font_px)
+    cell, frame, text_h, per_row = g["cell"], g["frame"], g["text_h"], g["per_row"]
+    img_h, img_w, pair_w = g["img_h"], g["img_w"], g["pair_w"]
+    sep = g["sep"]
+    canvas = torch.ones(3, g["height"], g["width"])
+    placed = []  # (kind, colour index, geometry) drawn afterwards with Pillow
+    scale_y, scale_x = img_h / h, img_w / w
+    box_w = max(1, round(min(scale_x, scale_y) / 3))
     for i in range(n):
-        y = gap + i * (row_h + gap) + text_h + frame
-        canvas[:, y : y + img_h, gap + frame : gap + frame + img_w] = _resize(pics[i], (img_h, img_w))
+        top = gap + i * (g["block_h"] + sep)
+        if i:
+            canvas[:, top - gap - 1, gap:-gap] = 0.75
+        y_img = top + text_h
+        canvas[:, y_img : y_img + img_h, gap : gap + img_w] = _resize(pics[i], (img_h, img_w))
         for j in range(k):
-            x = gap + img_w + 2 * frame + gap + j * (pair_w + gap) + frame
+            line, col = divmod(j, per_row)
+            y = top + line * (g["slot_h"] + gap) + text_h + frame
+            x = gap + img_w + 2 * gap + col * (pair_w + gap) + frame
             t, lft, b, r = _square_box(boxes[i][j], h, w)
-            canvas[:, y : y + cell_px, x : x + cell_px] = _resize(thumbs[i, j, :, t:b, lft:r], (cell_px, cell_px))
-            x2 = x + cell_px + 1
-            canvas[:, y : y + cell_px, x2 : x2 + cell_px] = _resize(pics[i, :, t:b, lft:r], (cell_px, cell_px))
-            placed.append(("frame", j, (x - frame, y - frame, x2 + cell_px + frame - 1, y + cell_px + frame - 1)))
+            canvas[:, y : y + cell, x : x + cell] = _resize(thumbs[i, j, :, t:b, lft:r], (cell, cell))
+            x2 = x + cell + 1
+            canvas[:, y : y + cell, x2 : x2 + cell] = _resize(pics[i, :, t:b, lft:r], (cell, cell))
+            placed.append(("frame", j, (x - frame, y - frame, x2 + cell + frame - 1, y + cell + frame - 1)))
             if labels:
-                placed.append(("text", j, (x, y - frame - text_h, f"c{int(chans[i, j])}")))
+                placed.append(("text", j, (x - frame, y - frame - text_h, f"c{int(chans[i, j])}")))
             if boxes[i][j][0] >= 0:
                 bt, bl, bb, br = boxes[i][j]
-                sy, sx = img_h / h, img_w / w
-                x0 = gap + frame
-                placed.append(("box", j, (x0 + bl * sx, y + bt * sy, x0 + br * sx - 1, y + bb * sy - 1)))
+                box = (gap + bl * scale_x, y_img + bt * scale_y, gap + br * scale_x - 1, y_img + bb * scale_y - 1)
+                placed.append(("box", j, box))
 
     import numpy as np
     from PIL import Image, ImageDraw
 
     image = Image.fromarray(to_uint8(canvas).permute(1, 2, 0).contiguous().numpy())
     draw = ImageDraw.Draw(image)
-    font = _font(font_px) if labels else None
+    font = _font(g["font"]) if labels else None
     for kind, j, geom in placed:
         colour = UNIT_COLOURS[j % len(UNIT_COLOURS)]
         if kind == "frame":
             draw.rectangle(geom, outline=colour, width=frame)
         elif kind == "box":
-            draw.rectangle(geom, outline=colour, width=1)
+            draw.rectangle(geom, outline=colour, width=box_w)
         else:
-            draw.text(geom[:2], geom[2], fill=colour, font=font)
+            x0, y0, _, _ = font.getbbox(geom[2])
+            draw.text((geom[0] - x0, geom[1] - y0 + 1), geom[2], fill=colour, font=font)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
