@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import threading
 from typing import Any
 
 import torch
@@ -206,6 +207,7 @@ class DeadNeuronMonitor(_VisMonitor):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.update(_root=None, _ctx=None, _counts={}, _sites=[], _discovered={}, _known={}, _late={}, _late_sites=[])
+        state.update(_drawing=None, _drawing_error=None)
         for bound in ("log", "log_dict"):  # Lightning binds the module's log methods to callbacks during fit
             state.pop(bound, None)
         return state
@@ -295,9 +297,11 @@ class DeadNeuronMonitor(_VisMonitor):
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
         self._exit()
+        self._finish_drawing()
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._exit()
+        self._finish_drawing()
         if self.windows_completed == 0 and self._window_size:
             self._warn_once(
                 "no-window",
@@ -310,6 +314,7 @@ class DeadNeuronMonitor(_VisMonitor):
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._exit()
+        self._finish_drawing()
         self._root = None
 
     # ------------------------------------------------------------------ counting
@@ -470,20 +475,25 @@ class DeadNeuronMonitor(_VisMonitor):
         dtype = torch.float32 if counts[0].fired.device.type == "mps" else torch.float64
         packed = torch.cat([c.pack(dtype) for c in counts])
         packed = trainer.strategy.reduce(packed, reduce_op="sum")  # every rank, one collective
+        packed = packed.cpu()  # one device-to-host copy (one sync) per window, not several per site
+        summed = []
         offset = 0
         for c in counts:
             size = ActivityCounts.packed_size(c.channels)
-            c.unpack_(packed[offset : offset + size])
+            host = ActivityCounts.zeros(c.channels, c.kind, device="cpu", region=c.region)
+            summed.append(host.unpack_(packed[offset : offset + size]))
             offset += size
+        with torch.no_grad():  # a new window: every device counter zeroed in one batched call
+            tensors = [t for c in counts for t in (c.samples, c.elements, c.fired, c.magnitude, c.saturated)]
+            torch._foreach_zero_(tensors)
         self._window_batches = 0
         self.windows_completed += 1
         states = {}
-        for site, c in zip(sites, counts):
+        for site, c in zip(sites, summed):
             states[site.name] = classify_channels(
                 c, self._flagged.get(site.name), dying_rate=self.dying_rate, revive_rate=self.revive_rate,
                 dormant=self.dormant, saturation=self.saturation,
             )  # fmt: skip
-            c.reset()
         self._decide(trainer, states)
         if self._late_sites:
             pending, self._late_sites = self._late_sites, []
@@ -535,15 +545,47 @@ class DeadNeuronMonitor(_VisMonitor):
             self.alerts.extend(new_alerts)
             self._alert(trainer, new_alerts, step)
 
-        if self._writers(trainer):
-            if self.heatmap and self.activity:
-                labels = {s.name: s.label for s in self._sites}
-                rates = {labels.get(n, n): rate for n, rate in self.activity.items()}
+        if self._writers(trainer) and (self.heatmap or self.histograms) and self.activity:
+            labels = {s.name: s.label for s in self._sites}
+            rates = {labels.get(n, n): rate for n, rate in self.activity.items()}
+            self._draw_in_background(trainer, rates, dict(self.activity), step)
+
+    def _draw_in_background(self, trainer: Any, rates: dict, activity: dict, step: int) -> None:
+        """Render and write the heatmap and histograms on a helper thread.
+
+        Drawing them (text, PNG encoding, one event per site) costs ~10-100 ms per window,
+        far more than the counting; on a GPU the training thread is mostly waiting for
+        the device, so the pictures are drawn meanwhile. One drawing at a time; the
+        previous one is finished first, and the last one at the end of training (also on
+        errors), before the loggers close. Decisions, scalars and alerts stay on the
+        training thread.
+        """
+        self._finish_drawing()
+
+        def draw() -> None:
+            if self.heatmap:
                 image = render.activity_heatmap(rates, title=f"firing rate per channel, step {step}")
                 self._log_image(trainer, "dead/activity", image, step)
             if self.histograms:
-                for n, rate in self.activity.items():
+                for n, rate in activity.items():
                     self._log_histogram(trainer, f"dead/rates/{n}", rate, step)
+
+        def run() -> None:
+            try:
+                draw()
+            except BaseException as err:  # reported on the training thread
+                self._drawing_error = err
+
+        self._drawing = threading.Thread(target=run, name="DeadNeuronMonitor-draw", daemon=True)
+        self._drawing.start()
+
+    def _finish_drawing(self) -> None:
+        drawing, self._drawing = getattr(self, "_drawing", None), None
+        if drawing is not None:
+            drawing.join()
+        err, self._drawing_error = getattr(self, "_drawing_error", None), None
+        if err is not None:
+            rank_zero_warn(f"DeadNeuronMonitor: drawing the activity heatmap failed: {err!r}")
 
     def _label(self, name: str) -> str:
         return next((s.label for s in self._sites if s.name == name), name)

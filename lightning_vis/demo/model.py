@@ -60,7 +60,12 @@ _pl = lightning_package()
 
 
 class DemoModule(_pl.LightningModule):
-    """Trains :class:`DemoCNN` on :class:`~lightning_vis.demo.data.ShapesDataset`."""
+    """Trains :class:`DemoCNN` on :class:`~lightning_vis.demo.data.ShapesDataset`.
+
+    ``classes`` names the labels (as on the dataset), for callbacks that show class names.
+    """
+
+    classes = list(CLASSES)
 
     def __init__(
         self,
