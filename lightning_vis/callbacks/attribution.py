@@ -65,7 +65,8 @@ class ClassAttribution(_VisMonitor):
         score: ``callable(output) -> [N, classes]`` for models whose output is not class
             scores.
         cmap: matplotlib colour map of the overlays.
-        cell_px: height of one picture in pixels; default: the probe's size, within 64–128.
+        cell_px: height of one picture in pixels; default: 3 × the probe's size, within 64–80
+            (two image | overlay pairs per row fit TensorBoard's 350-px card).
 
     Raises:
         ValueError: bad argument values (here); at ``setup``: an unknown layer, a CAM
@@ -266,7 +267,7 @@ class ClassAttribution(_VisMonitor):
         forward = self._forward_fn(pl_module)
         labels = self._labels
         targets = labels if self.target == "label" else None
-        cell = self.cell_px or min(128, max(64, 3 * self._probe.shape[-2]))
+        cell = self.cell_px or min(80, max(64, 3 * self._probe.shape[-2]))  # 2 pairs fit the card
         for method in self.methods:
             result = attribute(pl_module, x, targets=targets, **self._arguments(method, forward))
             captions, wrong = self._captions(result.logits, labels)

@@ -94,11 +94,14 @@ class DeadNeuronMonitor(_VisMonitor):
     Args:
         layers: site names or glob patterns to watch (``"net.features.*"``); a module
             name that owns several sites (``"layer1.0.relu"``) selects all of them
-            (``layer1.0.relu#0``, ``#1``); ``None``: every site.
+            (``layer1.0.relu#0``, ``#1``); the name of a convolution selects the sites it
+            feeds (``"conv1"`` for ``conv1 → forward#0``); ``None``: every site.
         every_n_steps: count on the training batch of every this many optimizer steps.
-            The default keeps the amortized cost under 2% of training time (on the demo
-            CNN on CPU a counted step costs about 4% more than a plain one, so about 1%
-            amortized, window ends included).
+            The default aims at DESIGN's budget of 1% of step time: on CPU proxies
+            (``benchmarks/cpu_proxies.py``) counting costs about 0.4% amortised on the demo
+            CNN and 0.2% on resnet18, window ends included; whole-step comparisons on a
+            shared 2-core machine measured 1.1-1.7%, within its noise. Not yet measured on
+            a GPU (``benchmarks/gpu.py``).
         window: sampled batches per decision; ``None``: enough to cover about 2,048
             images (``ceil(2048 / (batch size × world size))``, set at the first sampled batch).
         alert_fraction: alert when a site's dead fraction passes (exceeds) this.

@@ -82,7 +82,7 @@ class TopActivations(_VisMonitor):
         *,
         units: int = 9,
         max_patch: int = 48,
-        cell_px: int = 40,
+        cell_px: int = 30,
     ) -> None:
         super().__init__()
         check_every("top_k", top_k, allow_none=False)

@@ -26,7 +26,7 @@ def similarity_heatmap(
     *,
     title: str | None = None,
     cmap: str = "viridis",
-    max_px: int = 480,
+    max_px: int = 270,
 ) -> torch.Tensor:
     """A class × class similarity matrix as a labelled heatmap (Shang et al., Table 3 as a picture).
 

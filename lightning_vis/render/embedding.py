@@ -33,7 +33,7 @@ def neighbours_panel(
     *,
     labels: torch.Tensor | None = None,
     class_names: Sequence[str] | None = None,
-    cell_px: int = 52,
+    cell_px: int = 28,
     font_px: int = 11,
     agreement: tuple[float, float] | None = None,
 ) -> torch.Tensor:

@@ -36,7 +36,7 @@ def top_activations_grid(
     result: object,
     *,
     rows: torch.Tensor | list[int] | None = None,
-    cell_px: int = 40,
+    cell_px: int = 30,
     font_px: int = 10,
     gap: int = 3,
 ) -> torch.Tensor:
