@@ -9,6 +9,7 @@ raises a ``ValueError`` that lists the candidates.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -21,6 +22,7 @@ __all__ = [
     "execution_order",
     "first_conv",
     "resolve_layers",
+    "resolve_probe_layers",
     "unwrap_model",
 ]
 
@@ -146,6 +148,36 @@ def resolve_layers(
         chosen.extend(h for h in hits if h not in chosen)
     order = {name: i for i, name in enumerate(candidates)}
     return sorted(chosen, key=order.__getitem__)
+
+
+_CALL = re.compile(r"^(?P<name>.*)#(?P<index>\d+)$")
+
+
+def resolve_probe_layers(model: nn.Module, patterns: Iterable[str], convs: Sequence[str]) -> list[str]:
+    """The layers a probe callback names: ``"name#k"`` (the k-th call of a module), any
+    module by its exact name, or names and globs over the convolutions ``convs``.
+
+    Raises:
+        ValueError: a name or pattern matches nothing (the convolutions are listed).
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+        >>> resolve_probe_layers(net, ["1", "2", "1#1", "*"], ["0", "2"])
+        ['1', '2', '1#1', '0']
+    """
+    modules = dict(model.named_modules())
+    names: list[str] = []
+    for pattern in patterns:
+        base = _CALL.match(pattern)
+        if base and base["name"] in modules and base["name"]:
+            hits = [pattern]
+        elif pattern in modules and pattern and pattern not in convs:
+            hits = [pattern]
+        else:
+            hits = resolve_layers(model, pattern, convs, what="convolutions")
+        names.extend(h for h in hits if h not in names)
+    return names
 
 
 @contextmanager

@@ -506,6 +506,26 @@ class _VisMonitor(*_CALLBACK_BASES):
         except (RuntimeError, ValueError, IndexError) as err:
             raise ProbeError(self._probe_message(pl_module, images, err)) from err
 
+    def _conv_order(self, pl_module: Any, images: torch.Tensor, *, final: bool = False) -> list[str] | None:
+        """The convolutions in the order the probe images pass them, for default layers.
+
+        ``None`` while the forward waits for the first training batch's call (see
+        :meth:`_probe_runs`); a ``ValueError`` naming the callback when no convolution runs.
+        """
+        from lightning_vis.layers import _quote_list, conv_layers, execution_order, unwrap_model
+
+        if not self._probe_runs(pl_module, images, final=final):
+            return None
+        convs = list(conv_layers(unwrap_model(pl_module)))
+        x = to_model(pl_module, images[:1])
+        order = execution_order(pl_module, x, convs, forward=self._forward_fn(pl_module))
+        if not order:
+            raise ValueError(
+                f"{type(self).__name__}: a forward pass of the probe called none of the convolutions "
+                f"{_quote_list(convs)}; name the layers with layers=[...]"
+            )
+        return order
+
     def _probe_message(self, pl_module: Any, images: torch.Tensor, err: BaseException) -> str:
         return (
             f"{type(self).__name__}: probe of shape {tuple(images.shape)} does not fit {type(pl_module).__name__} "

@@ -7,10 +7,21 @@ from typing import Any
 import torch
 
 from lightning_vis import render
-from lightning_vis.callbacks._base import _VisMonitor, as_pattern_list, check_every, spread
-from lightning_vis.deconv import METHODS, _CALL, _forward_to, project
+from lightning_vis.callbacks._base import (
+    _VisMonitor,
+    as_pattern_list,
+    check_every,
+    spread,
+)
+from lightning_vis.deconv import METHODS, _forward_to, project
 from lightning_vis.isolation import isolated
-from lightning_vis.layers import _quote_list, conv_layers, execution_order, resolve_layers, unwrap_model
+from lightning_vis.layers import (
+    _quote_list,
+    conv_layers,
+    execution_order,
+    resolve_probe_layers,
+    unwrap_model,
+)
 
 #: Default number of layers: convolutions spread over the depth.
 _DEFAULT_LAYERS = 4
@@ -126,18 +137,7 @@ class DeconvProjection(_VisMonitor):
 
     # ------------------------------------------------------------------ validation
     def _resolve(self, model: torch.nn.Module, convs: list[str]) -> list[str]:
-        modules = dict(model.named_modules())
-        names: list[str] = []
-        for pattern in self.layers or []:
-            base = _CALL.match(pattern)
-            if base and base["name"] in modules and base["name"]:  # "name#k": one call of a module
-                hits = [pattern]
-            elif pattern in modules and pattern and pattern not in convs:  # any module, by exact name
-                hits = [pattern]
-            else:
-                hits = resolve_layers(model, pattern, convs, what="convolutions")
-            names.extend(h for h in hits if h not in names)
-        return names
+        return resolve_probe_layers(model, self.layers or [], convs)
 
     def _check_probe_fits(
         self, pl_module: Any, probe: torch.Tensor, convs: list[str], final: bool = False

@@ -7,10 +7,17 @@ from typing import Any
 import torch
 
 from lightning_vis import render
-from lightning_vis.callbacks._base import _VisMonitor, as_pattern_list, check_every, spread
-from lightning_vis.deconv import _CALL
+from lightning_vis.callbacks._base import (
+    _VisMonitor,
+    as_pattern_list,
+    check_every,
+    spread,
+)
 from lightning_vis.isolation import isolated
-from lightning_vis.layers import _quote_list, conv_layers, execution_order, resolve_layers, unwrap_model
+from lightning_vis.layers import (
+    resolve_probe_layers,
+    unwrap_model,
+)
 from lightning_vis.units import _layer_output, top_feature_maps
 
 #: Default number of layers: convolutions spread over the depth.
@@ -100,18 +107,7 @@ class FeatureMaps(_VisMonitor):
 
     # ------------------------------------------------------------------ setup
     def _resolve(self, model: torch.nn.Module, convs: list[str]) -> list[str]:
-        modules = dict(model.named_modules())
-        names: list[str] = []
-        for pattern in self.layers or []:
-            base = _CALL.match(pattern)
-            if base and base["name"] in modules and base["name"]:
-                hits = [pattern]
-            elif pattern in modules and pattern and pattern not in convs:
-                hits = [pattern]
-            else:
-                hits = resolve_layers(model, pattern, convs, what="convolutions")
-            names.extend(h for h in hits if h not in names)
-        return names
+        return resolve_probe_layers(model, self.layers or [], convs)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -135,19 +131,13 @@ class FeatureMaps(_VisMonitor):
 
     def _prepare(self, pl_module: Any) -> None:
         """Default layers and checks on the layers' outputs, once the probe can run."""
-        if not self._probe_runs(pl_module, self._probe):
+        order = self._conv_order(pl_module, self._probe)
+        if order is None:
             return
         model = unwrap_model(pl_module)
         forward = self._forward_fn(pl_module)
         x = self._to_model(pl_module, self._probe[:1])
         if self._layer_names is None:
-            convs = list(conv_layers(model))
-            order = execution_order(pl_module, x, convs, forward=forward)
-            if not order:
-                raise ValueError(
-                    f"FeatureMaps: a forward pass of the probe called none of the convolutions {_quote_list(convs)}; "
-                    "name the layers with layers=[...]"
-                )
             self._layer_names = spread(order, _DEFAULT_LAYERS)
         with isolated(model), torch.no_grad():
             for layer in self._layer_names:

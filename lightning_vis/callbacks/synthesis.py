@@ -7,11 +7,23 @@ from typing import Any
 import torch
 
 from lightning_vis import render
-from lightning_vis.callbacks._base import _VisMonitor, as_pattern_list, check_every, spread
-from lightning_vis.deconv import _CALL
+from lightning_vis.callbacks._base import (
+    _VisMonitor,
+    as_pattern_list,
+    check_every,
+    spread,
+)
 from lightning_vis.isolation import isolated
-from lightning_vis.layers import _quote_list, conv_layers, execution_order, resolve_layers, unwrap_model
-from lightning_vis.synthesis import _forward_layer, color_decorrelation, invert, maximize
+from lightning_vis.layers import (
+    resolve_probe_layers,
+    unwrap_model,
+)
+from lightning_vis.synthesis import (
+    _forward_layer,
+    color_decorrelation,
+    invert,
+    maximize,
+)
 
 __all__ = ["ActivationMaximization", "FeatureInversion"]
 
@@ -42,18 +54,7 @@ class _SynthesisMonitor(_VisMonitor):
         return self._layer_names
 
     def _resolve(self, model: torch.nn.Module, convs: list[str]) -> list[str]:
-        modules = dict(model.named_modules())
-        names: list[str] = []
-        for pattern in self.layers or []:
-            base = _CALL.match(pattern)
-            if base and base["name"] in modules and base["name"]:
-                hits = [pattern]
-            elif pattern in modules and pattern and pattern not in convs:
-                hits = [pattern]
-            else:
-                hits = resolve_layers(model, pattern, convs, what="convolutions")
-            names.extend(h for h in hits if h not in names)
-        return names
+        return resolve_probe_layers(model, self.layers or [], convs)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -79,19 +80,13 @@ class _SynthesisMonitor(_VisMonitor):
 
     def _prepare(self, pl_module: Any) -> None:
         """Default layers and per-layer checks, once a probe forward can run (before step 1 when possible)."""
-        if not self._probe_runs(pl_module, self._data):
+        order = self._conv_order(pl_module, self._data)
+        if order is None:
             return
         model = unwrap_model(pl_module)
         forward = self._forward_fn(pl_module)
         x = self._to_model(pl_module, self._data[:1])
         if self._layer_names is None:
-            convs = list(conv_layers(model))
-            order = execution_order(pl_module, x, convs, forward=forward)
-            if not order:
-                raise ValueError(
-                    f"{type(self).__name__}: a forward pass called none of the convolutions {_quote_list(convs)}; "
-                    "name the layers with layers=[...]"
-                )
             self._layer_names = self._pick_default(order)
         channels = {}
         with isolated(model), torch.no_grad():

@@ -7,9 +7,21 @@ from typing import Any
 import torch
 
 from lightning_vis import render
-from lightning_vis.callbacks._base import _VisMonitor, as_pattern_list, check_every, find_images, spread
+from lightning_vis.callbacks._base import (
+    _VisMonitor,
+    as_pattern_list,
+    check_every,
+    find_images,
+    spread,
+)
 from lightning_vis.deconv import _CALL
-from lightning_vis.layers import _quote_list, conv_layers, execution_order, resolve_layers, unwrap_model
+from lightning_vis.layers import (
+    _quote_list,
+    conv_layers,
+    execution_order,
+    resolve_probe_layers,
+    unwrap_model,
+)
 from lightning_vis.units import (
     ReceptiveField,
     TopActivationCollector,
@@ -132,18 +144,7 @@ class TopActivations(_VisMonitor):
 
     # ------------------------------------------------------------------ setup
     def _resolve(self, model: torch.nn.Module, convs: list[str]) -> list[str]:
-        modules = dict(model.named_modules())
-        names: list[str] = []
-        for pattern in self.layers or []:
-            base = _CALL.match(pattern)
-            if base and base["name"] in modules and base["name"]:
-                hits = [pattern]
-            elif pattern in modules and pattern and pattern not in convs:
-                hits = [pattern]
-            else:
-                hits = resolve_layers(model, pattern, convs, what="convolutions")
-            names.extend(h for h in hits if h not in names)
-        return names
+        return resolve_probe_layers(model, self.layers or [], convs)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
