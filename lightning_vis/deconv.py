@@ -12,6 +12,7 @@ modules, in-place calls, ``F.relu`` / ``torch.relu`` / ``Tensor.relu_`` inside
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -171,14 +172,17 @@ def _parse_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module, int]:
     return name, modules[name], index
 
 
-def _forward_to(model: nn.Module, x: torch.Tensor, layer: str, forward=None, handler=None) -> torch.Tensor:
-    """Run ``model`` on ``x`` until ``layer`` (``name`` or ``name#k``) has produced its output.
+def _run_to_layer(model: nn.Module, x: torch.Tensor, layer: str, forward=None, context=None) -> object:
+    """Run ``model`` on ``x`` until ``layer`` (``name`` or ``name#k``) has produced its output; that output.
 
-    Must be called inside :func:`~lightning_vis.isolation.isolated`. Rectifier calls go
-    through ``handler``. Every hook and the function mode are removed on exit.
+    ``context``: a context manager entered around the forward pass (a function mode). The
+    stopping hook is removed on exit, also on error.
+
+    Raises:
+        ValueError: the forward pass does not reach ``layer`` (its call count is given).
     """
     name, module, index = _parse_layer(model, layer)
-    seen: list[torch.Tensor] = []
+    seen: list[object] = []
     calls = [0]
 
     def stop(mod, args, out):
@@ -187,20 +191,29 @@ def _forward_to(model: nn.Module, x: torch.Tensor, layer: str, forward=None, han
             raise _Stop
         calls[0] += 1
 
-    with intercept_activations(model, handler), eager_forward(model):
-        handle = module.register_forward_hook(stop)
-        try:
+    handle = module.register_forward_hook(stop)
+    try:
+        with eager_forward(model), (context if context is not None else contextlib.nullcontext()):
             (forward or model)(x)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
     if not seen:
         raise ValueError(
             f"Layer {layer!r} was not reached: the forward pass called {name!r} {calls[0]} time(s)"
             + ("" if calls[0] else "; it is not used by forward()")
         )
-    out = seen[0]
+    return seen[0]
+
+
+def _forward_to(model: nn.Module, x: torch.Tensor, layer: str, forward=None, handler=None) -> torch.Tensor:
+    """:func:`_run_to_layer` with every rectifier call going through ``handler``; ``[N, C, H, W]``.
+
+    Must be called inside :func:`~lightning_vis.isolation.isolated`. A layer output
+    ``[N, C]`` is returned as ``[N, C, 1, 1]``.
+    """
+    out = _run_to_layer(model, x, layer, forward, intercept_activations(model, handler))
     if not isinstance(out, torch.Tensor) or out.ndim not in (2, 4):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"Layer {layer!r} must output a tensor [N, C, H, W] or [N, C], got {shape}")

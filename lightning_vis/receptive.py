@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_vis.deconv import _parse_layer, _Stop
+from lightning_vis.deconv import _parse_layer, _run_to_layer
 from lightning_vis.isolation import isolated
-from lightning_vis.layers import eager_forward, unwrap_model
+from lightning_vis.layers import unwrap_model
 
 __all__ = ["ReceptiveField", "receptive_field"]
 
@@ -325,35 +325,8 @@ _PAD = {F.pad, torch._C._nn.pad}
 def _layer_output(
     model: nn.Module, x: torch.Tensor, layer: str, forward: Callable | None, mode: TorchFunctionMode | None = None
 ) -> torch.Tensor:
-    """``model`` run on ``x`` until ``layer`` (``name`` or ``name#k``) has produced its output."""
-    name, module, index = _parse_layer(model, layer)
-    seen: list[torch.Tensor] = []
-    calls = [0]
-
-    def stop(mod, args, out):
-        if calls[0] == index:
-            seen.append(out)
-            raise _Stop
-        calls[0] += 1
-
-    handle = module.register_forward_hook(stop)
-    try:
-        with eager_forward(model):
-            if mode is not None:
-                with mode:
-                    (forward or model)(x)
-            else:
-                (forward or model)(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise ValueError(
-            f"Layer {layer!r} was not reached: the forward pass called {name!r} {calls[0]} time(s)"
-            + ("" if calls[0] else "; it is not used by forward()")
-        )
-    out = seen[0]
+    """``model`` run on ``x`` until ``layer`` (``name`` or ``name#k``) has produced its feature map."""
+    out = _run_to_layer(model, x, layer, forward, mode)
     if not isinstance(out, torch.Tensor) or out.ndim != 4:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"Layer {layer!r} must output a feature map [N, C, H, W], got {shape}")

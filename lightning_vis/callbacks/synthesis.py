@@ -140,7 +140,8 @@ class _SynthesisMonitor(_VisMonitor):
             self._run_layer(trainer, pl_module, layer, f"ep {trainer.current_epoch + 1}")
 
     def _run_layer(self, trainer: Any, pl_module: Any, layer: str, label: str) -> None:
-        raise NotImplementedError
+        """Synthesise and log one layer's panel: each subclass (maximisation, inversion) defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define _run_layer")
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "layer_names": self._layer_names, "data": self._data, "history": self._history}
