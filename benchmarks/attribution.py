@@ -21,8 +21,15 @@ Also the per-run cost of ``ClassAttribution`` (attribution + rendering + PNG enc
 SGD step), for the default ``methods=("gradcam",)`` and for the demo's
 ``("gradcam", "occlusion")``.
 
-Times are medians of alternated repeats, in one run. Run:
-``python benchmarks/attribution.py [--images 16] [--repeats 5]``.
+Times are medians of alternated repeats, in one run. A second table counts, per call,
+the device operations (aten ops that launch a kernel on a GPU: views and allocations
+excluded) and the host syncs (ops whose result the host must wait for: ``.item()``,
+``bool()``, ``torch.equal``, ``nonzero``); it is the proxy for a GPU, where every op is a
+kernel launch of ~5–10 µs and every sync drains the queue, until the same script runs on
+one (``--device cuda``). The one device→host copy of the finished maps that every
+implementation makes is not counted.
+
+Run: ``python benchmarks/attribution.py [--images 16] [--repeats 7] [--threads N] [--device cpu]``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import os
 import statistics
 import time
@@ -39,20 +47,56 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's ScoreCAM prints
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from lightning_vis import attribute, render  # noqa: E402
+from lightning_vis.attribution import _chunk_rows  # noqa: E402
 from lightning_vis.demo.model import DemoCNN  # noqa: E402
 
 PATCH, STRIDE = 8, 4
 
 
 _CLOCK = time.perf_counter
+_DEVICE = torch.device("cpu")
+_SYNCS = {"_local_scalar_dense", "equal", "nonzero", "is_nonzero", "masked_select", "unique", "_unique2"}
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh", "alias",
+              "_to_copy_meta"}  # fmt: skip
+
+
+def _sync() -> None:
+    if _DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _timed(fn) -> float:
+    _sync()
     start = _CLOCK()
     fn()
+    _sync()
     return _CLOCK() - start
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops that would launch a kernel on a GPU, and the host syncs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in _SYNCS:
+            self.syncs += 1
+            self.ops += name != "_local_scalar_dense"
+        elif not func.is_view and name not in _NO_KERNEL:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count(fn) -> tuple[int, int]:
+    with _OpCounter() as counter:
+        fn()
+    return counter.ops, counter.syncs
 
 
 def _minmax(m: torch.Tensor) -> torch.Tensor:
@@ -83,22 +127,29 @@ def _align_corners_false():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall: time.perf_counter; cpu: time.process_time (steadier on a shared machine)")
+                        help="wall: time.perf_counter; cpu: time.process_time (counts OpenMP threads' spinning too)")
     args = parser.parse_args()
-    global _CLOCK
+    global _CLOCK, _DEVICE
     _CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
+    _DEVICE = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     from captum.attr import LayerAttribution, LayerGradCam, Occlusion
     from pytorch_grad_cam import GradCAM, ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     torch.manual_seed(0)
-    model = DemoCNN().eval()
-    oracle_model = copy.deepcopy(model)  # pytorch-grad-cam writes .grad into the parameters
+    model = DemoCNN().eval().to(_DEVICE)
+    # pytorch-grad-cam writes .grad into the parameters: it gets a copy; Captum (autograd.grad,
+    # no writes) runs on the same model object as ours, so both read the same weights' memory
+    oracle_model = copy.deepcopy(model)
     layer = oracle_model.features
-    x = torch.randn(args.images, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(args.images, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(_DEVICE)
     with torch.no_grad():
         pred = model(x).argmax(1)
     pgc_targets = [ClassifierOutputTarget(int(t)) for t in pred]
@@ -108,14 +159,14 @@ def main() -> None:
 
     def pgc(cls):
         with cls(model=oracle_model, target_layers=[layer]) as cam:
-            return torch.from_numpy(cam(input_tensor=x, targets=pgc_targets))
+            return torch.from_numpy(cam(input_tensor=x, targets=pgc_targets)).to(_DEVICE)
 
     def captum_gradcam():
-        attr = LayerGradCam(oracle_model, layer).attribute(x, target=pred, relu_attributions=True)
+        attr = LayerGradCam(model, model.features).attribute(x, target=pred, relu_attributions=True)
         return LayerAttribution.interpolate(attr, (32, 32), "bilinear")[:, 0]
 
     def captum_occlusion():
-        return Occlusion(oracle_model).attribute(
+        return Occlusion(model).attribute(
             x, target=pred, sliding_window_shapes=(3, PATCH, PATCH), strides=(3, STRIDE, STRIDE), baselines=0.0
         )[:, 0]
 
@@ -131,6 +182,12 @@ def main() -> None:
         ("occlusion", "Captum `Occlusion` (default call)", lambda: ours("occlusion", patch=PATCH, stride=STRIDE),
          captum_occlusion, False),
     ]  # fmt: skip
+    # the op counts stand in for a GPU: count the chunking attribute() chooses there
+    gpu_chunk = _chunk_rows(None, x[0].numel(), torch.device("cuda"))
+    gpu_rows = rows[:3] + [
+        rows[3][:2] + (lambda: ours("scorecam", layer="features", batch_size=gpu_chunk),) + rows[3][3:],
+        rows[4][:2] + (lambda: ours("occlusion", patch=PATCH, stride=STRIDE, batch_size=gpu_chunk),) + rows[4][3:],
+    ]
     errors = []
     with _align_corners_false():
         for name, other, mine, theirs, normalise in rows:
@@ -138,24 +195,34 @@ def main() -> None:
             if normalise:
                 a = _minmax(a)
             errors.append(float((a - b).abs().max()))
+        counts = [(_count(mine), _count(theirs)) for _, _, mine, theirs, _ in gpu_rows]
 
         times = {i: ([], []) for i in range(len(rows))}
-        for _ in range(args.repeats):  # alternated, so drifts in machine load hit both alike
+        # calls per measurement: >= 0.2 s each, so that fast methods are not timer noise
+        inner = [max(1, math.ceil(0.2 / max(_timed(mine), 1e-6))) for _, _, mine, _, _ in rows]
+        for r in range(args.repeats):  # alternated, so drifts in machine load hit both alike
             for i, (_, _, mine, theirs, _) in enumerate(rows):
-                times[i][0].append(_timed(mine))
-                times[i][1].append(_timed(theirs))
+                pair = [(0, mine), (1, theirs)] if r % 2 == 0 else [(1, theirs), (0, mine)]
+                for side, fn in pair:
+                    times[i][side].append(_timed(lambda fn=fn, k=inner[i]: [fn() for _ in range(k)]) / inner[i])
 
     step_ms, runs = _callback_cost(args.repeats)
 
+    where = torch.cuda.get_device_name(_DEVICE) if _DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"DemoCNN (random weights, eval), {args.images} images 32x32, predicted classes; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, CPU, {args.clock} clock, median of {args.repeats} alternated repeats\n"
+        f"{where}, {args.clock} clock, median of {args.repeats} alternated repeats\n"
     )
     print("| method | baseline | ours (ms) | baseline (ms) | speed-up | max abs. difference of the maps |")
     print("|---|---|---:|---:|---:|---:|")
     for i, (name, other, *_rest) in enumerate(rows):
         mine, theirs = (statistics.median(t) for t in times[i])
-        print(f"| {name} | {other} | {mine * 1e3:.1f} | {theirs * 1e3:.1f} | {theirs / mine:.1f}x | {errors[i]:.1e} |")
+        print(f"| {name} | {other} | {mine * 1e3:.1f} | {theirs * 1e3:.1f} | {theirs / mine:.2f}x | {errors[i]:.1e} |")
+    print(f"\nGPU proxy, counted on this run (ours chunked as on a GPU: {gpu_chunk} masked images per forward)\n")
+    print("| method | baseline | device ops, ours | device ops, baseline | fewer | host syncs, ours | host syncs, baseline |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for (name, other, *_rest), ((o_ops, o_sync), (t_ops, t_sync)) in zip(rows, counts):
+        print(f"| {name} | {other} | {o_ops} | {t_ops} | {t_ops / o_ops:.1f}x | {o_sync} | {t_sync} |")
     print("\n| ClassAttribution run (8 probe images, render + PNG) | time (ms) | training steps (batch 64) |")
     print("|---|---:|---:|")
     for methods, t in runs.items():
@@ -169,12 +236,12 @@ def _callback_cost(repeats: int) -> tuple[float, dict]:
     from lightning_vis.demo.data import ShapesDataset
 
     torch.manual_seed(0)
-    net = DemoCNN()
+    net = DemoCNN().to(_DEVICE)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     data = ShapesDataset(64 + 8, size=32, seed=0)
-    batch = torch.stack([data[i][0] for i in range(64)])
-    labels = torch.tensor([int(data[i][1]) for i in range(64)])
-    probe = torch.stack([data[64 + i][0] for i in range(8)])
+    batch = torch.stack([data[i][0] for i in range(64)]).to(_DEVICE)
+    labels = torch.tensor([int(data[i][1]) for i in range(64)]).to(_DEVICE)
+    probe = torch.stack([data[64 + i][0] for i in range(8)]).to(_DEVICE)
 
     def step():
         net.train()

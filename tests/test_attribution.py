@@ -236,6 +236,28 @@ def test_scorecam_is_batched_in_chunks_and_nan_safe():
     torch.testing.assert_close(alone.maps[0], ref.maps[1], rtol=1e-5, atol=1e-8)
 
 
+def test_scorecam_scores_the_blank_image_once_for_all_constant_channels():
+    """Dead and constant channels mask to the blank image: one forward of one image serves them all."""
+    net, x = plain_net(), images(3)
+    with torch.no_grad():
+        net[0].weight[:3] = 0
+        net[0].bias[:2] = -1.0  # dead after the ReLU
+        net[0].bias[2] = 0.5  # constant 0.5
+    rows = []
+    handle = net.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        got = attribute(net, x, method="scorecam", layer="1")
+    finally:
+        handle.remove()
+    k = net[0].out_channels
+    with torch.no_grad():
+        a = net[1](net[0](x))
+    live = int((a.amax((2, 3)) > a.amin((2, 3))).sum())
+    assert live == 3 * (k - 3)
+    assert rows[0] == 3 and sum(rows[1:]) == 1 + live  # the images, the blank image, the live masks
+    torch.testing.assert_close(got.maps, brute_scorecam(net, 1, x, got.targets, False), rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "patch,stride,baseline",
     [((4, 6), (2, 3), 0.0), (5, (3, 2), 0.3), ((16, 7), (1, 4), "tensor")],
