@@ -56,3 +56,12 @@ def test_untouched_buffers_are_not_written():
     with isolated(net):
         net(torch.randn(2, 3, 8, 8))  # eval mode: running stats read, not written
     assert {k: v._version for k, v in net.named_buffers()} == versions
+
+
+def test_a_buffer_converted_inside_comes_back_in_its_dtype():
+    net = _net()
+    before = _buffers(net)
+    with isolated(net):
+        net.table.data = net.table.data.float()
+        net[1].running_mean.data = net[1].running_mean.data.half()
+    _assert_same(net, before)
