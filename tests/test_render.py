@@ -203,3 +203,20 @@ def test_activity_heatmap_is_card_wide_near_square_with_visible_cells():
     assert wide.shape[2] == CARD_WIDTH_PX
     with pytest.raises(ValueError, match=r"width_px=100\. Must be an int >= 200"):
         activity_heatmap(rates, width_px=100)
+
+
+@pytest.mark.parametrize("images,top_n,size", [(4, 9, 32), (8, 9, 4), (4, 4, 16), (1, 16, 8)])
+def test_feature_maps_panel_fits_the_card(images, top_n, size):
+    from lightning_vis.render import feature_maps_panel
+    from lightning_vis.units import FeatureMapsResult
+
+    torch.manual_seed(0)
+    maps = FeatureMapsResult(
+        maps=torch.rand(images, top_n, size, size),
+        channels=torch.arange(top_n).repeat(images, 1),
+        means=torch.rand(images, top_n),
+        layer="conv",
+    )
+    img = feature_maps_panel(torch.rand(images, 3, 32, 32), maps)
+    assert img.shape[2] <= CARD_WIDTH_PX
+    assert img.shape[1] < 5 * img.shape[2]  # not one long column where two fit

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from lightning_vis.render._core import UNIT_COLOURS, _as_rgb, _font, _resize, _scale, to_uint8
+from lightning_vis.render._core import CARD_WIDTH_PX, UNIT_COLOURS, _as_rgb, _font, _resize, _scale, to_uint8
 
 __all__ = ["feature_maps_panel", "top_activations_grid"]
 
@@ -139,14 +139,15 @@ def feature_maps_panel(
     to square on the right, each labelled ``c<channel>`` above; all maps of one image
     share one colour scale (matplotlib ``cmap`` from the lowest to the highest value among
     them), written under the image as ``lo … hi``. Blocks are laid out in a grid close
-    to square.
+    to square, at most :data:`CARD_WIDTH_PX` wide where it can be (automatic cells shrink
+    to 22 px first, then fewer blocks go in a row).
 
     Args:
         images: ``[N, C, H, W]`` the probe images.
         maps: a :class:`lightning_vis.units.FeatureMapsResult` of those images
             (``maps [N, n, h, w]``, ``channels [N, n]``).
         cell_px: side of one map cell (default: the map size upscaled by an integer
-            factor to about 36 px, at most 64).
+            factor to about 36 px, at most 64, smaller if the panel would not fit the card).
         font_px: label font size.
         gap: white pixels between cells.
         cmap: a matplotlib colour map name.
@@ -180,24 +181,42 @@ def feature_maps_panel(
         raise ValueError(f"Unknown colour map cmap={cmap!r}; e.g. 'viridis', 'magma', 'cividis'")
     lut = torch.from_numpy(matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3]).float()
     n, top_n, mh, mw = fm.shape
-    if cell_px is None:
-        cell_px = min(64, max(mh, mw) * max(1, round(36 / max(mh, mw))))
-    scale = cell_px / max(mh, mw)
-    ch_, cw_ = max(1, round(mh * scale)), max(1, round(mw * scale))
     cols = math.ceil(math.sqrt(top_n))
     grid_rows = math.ceil(top_n / cols)
     text_h = font_px + 3
-    grid_w = cols * (cw_ + gap)
-    grid_h = grid_rows * (text_h + ch_ + gap)
     bar_h = 5
-    img_h = max(ch_, grid_h - 2 * text_h - bar_h - gap)
-    img_w = max(1, round(img_h * images.shape[-1] / images.shape[-2]))
-    block_w = img_w + gap + grid_w + 2 * gap
-    block_h = max(grid_h, 2 * text_h + img_h + bar_h + gap) + gap
-    per_row = max(1, min(n, round(math.sqrt(n * block_h / block_w))))
-    per_row = max(1, math.ceil(n / max(1, math.ceil(n / per_row))))
+
+    def layout(cell: int, per_row: int | None = None) -> tuple:
+        scale = cell / max(mh, mw)
+        ch_, cw_ = max(1, round(mh * scale)), max(1, round(mw * scale))
+        grid_w = cols * (cw_ + gap)
+        grid_h = grid_rows * (text_h + ch_ + gap)
+        img_h = max(ch_, grid_h - 2 * text_h - bar_h - gap)
+        img_w = max(1, round(img_h * images.shape[-1] / images.shape[-2]))
+        block_w = img_w + gap + grid_w + 2 * gap
+        block_h = max(grid_h, 2 * text_h + img_h + bar_h + gap) + gap
+        if per_row is None:
+            per_row = max(1, min(n, round(math.sqrt(n * block_h / block_w))))
+        per_row = max(1, math.ceil(n / max(1, math.ceil(n / per_row))))
+        return ch_, cw_, img_h, img_w, block_w, block_h, per_row, gap + per_row * block_w
+
+    auto = cell_px is None
+    if auto:
+        cell_px = min(64, max(mh, mw) * max(1, round(36 / max(mh, mw))))
+    # fit TensorBoard's card: the most blocks per row (up to the square layout's) for which
+    # a cell between the default and 22 px fits, the largest such cell
+    first = layout(cell_px)
+    cells = range(cell_px, min(cell_px, 22) - 1, -2) if auto else (cell_px,)
+    fits = (
+        (c, p)
+        for p in range(first[6], 0, -1)
+        for c in cells
+        if layout(c, p)[7] <= CARD_WIDTH_PX
+    )
+    cell_px, per_row = next(fits, (cells[-1], 1))
+    ch_, cw_, img_h, img_w, block_w, block_h, per_row, width = layout(cell_px, per_row)
     block_rows = math.ceil(n / per_row)
-    width, height = gap + per_row * block_w, gap + block_rows * block_h
+    height = gap + block_rows * block_h
     canvas = torch.ones(3, height, width)
     pics = _scale(_as_rgb(images.detach().float().cpu()), (1, 2, 3))
     texts = []
