@@ -145,8 +145,9 @@ class _BufferSnapshot:
                     differs = self._flat(bs).view(torch.uint8).ne(saved.view(torch.uint8)).any()
                     checks.setdefault(saved.device, []).append((group, differs))
             for items in checks.values():
-                flags = torch.stack([d for _, d in items]).tolist()  # one host sync per device
-                suspects += [group for (group, _), changed in zip(items, flags) if changed]
+                flags = torch.stack([d for _, d in items])
+                if bool(flags.any()):  # the one host sync per device
+                    suspects += [group for (group, _), changed in zip(items, flags.tolist()) if changed]
             for bs, layout, saved in suspects:
                 offset = 0
                 for b, (shape, dtype, device) in zip(bs, layout):
