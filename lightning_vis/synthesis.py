@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 import torch
@@ -298,42 +299,61 @@ class _Stop(Exception):
     pass
 
 
+class _ToLayer:
+    """A reusable forward to ``layer`` (``name`` or ``name#k``): the name is resolved and the
+    stopping hook registered once, for every pass of an optimisation (a context manager: the
+    hook is removed on exit, also on error).
+
+    Activation interception (a function mode plus a hook on every module) is only set up
+    for a pass given a ``handler``: a plain pass carries the single stopping hook.
+    """
+
+    def __init__(self, model: nn.Module, layer: str, forward: Callable | None) -> None:
+        self.model, self.layer, self.forward = model, layer, forward or model
+        self.name, self.module, self.index = _parse_layer(model, layer)
+        self.calls, self.out = 0, None
+        self.handle = None
+
+    def __enter__(self) -> Self:
+        self.handle = self.module.register_forward_hook(self._stop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+    def _stop(self, mod: nn.Module, args: object, out: object) -> None:
+        if self.calls == self.index:
+            self.out = out
+            raise _Stop
+        self.calls += 1
+
+    def __call__(self, x: torch.Tensor, handler: Callable | None = None) -> torch.Tensor:
+        self.calls, self.out = 0, None
+        try:
+            with eager_forward(self.model):
+                if handler is None:
+                    self.forward(x)
+                else:
+                    with intercept_activations(self.model, handler):
+                        self.forward(x)
+        except _Stop:
+            pass
+        out, self.out = self.out, None
+        if out is None:
+            raise ValueError(
+                f"Layer {self.layer!r} was not reached: the forward pass called {self.name!r} {self.calls} time(s)"
+            )
+        if not isinstance(out, torch.Tensor) or out.ndim not in (2, 4):
+            raise ValueError(f"Layer {self.layer!r} must output a tensor [N, C, H, W] or [N, C], got {_shape(out)}")
+        return out if out.ndim == 4 else out[:, :, None, None]
+
+
 def _forward_layer(
     model: nn.Module, x: torch.Tensor, layer: str, forward: Callable | None, handler: Callable | None = None
 ) -> torch.Tensor:
-    """``model``'s output at ``layer`` (``name`` or ``name#k``) for ``x``, the forward stopped there.
-
-    Activation interception (a function mode plus a hook on every module) is only set up
-    when ``handler`` is given: a plain pass carries a single hook.
-    """
-    name, module, index = _parse_layer(model, layer)
-    seen: list = []
-    calls = [0]
-
-    def stop(mod, args, out):
-        if calls[0] == index:
-            seen.append(out)
-            raise _Stop
-        calls[0] += 1
-
-    handle = module.register_forward_hook(stop)
-    try:
-        with eager_forward(model):
-            if handler is None:
-                (forward or model)(x)
-            else:
-                with intercept_activations(model, handler):
-                    (forward or model)(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise ValueError(f"Layer {layer!r} was not reached: the forward pass called {name!r} {calls[0]} time(s)")
-    out = seen[0]
-    if not isinstance(out, torch.Tensor) or out.ndim not in (2, 4):
-        raise ValueError(f"Layer {layer!r} must output a tensor [N, C, H, W] or [N, C], got {_shape(out)}")
-    return out if out.ndim == 4 else out[:, :, None, None]
+    """``model``'s output at ``layer`` (``name`` or ``name#k``) for ``x``, the forward stopped there (one pass)."""
+    with _ToLayer(model, layer, forward) as run:
+        return run(x, handler)
 
 
 class _RedirectedReLU(torch.autograd.Function):
@@ -352,10 +372,10 @@ class _RedirectedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad of the loss (= -objective): grad > 0 pushes the unit lower
         (neg,) = ctx.saved_tensors
-        relu_grad = torch.where(neg, torch.zeros_like(grad), grad)
-        redirected = torch.where(neg & (grad > 0), torch.zeros_like(grad), grad)
-        alive = relu_grad.flatten(1).abs().amax(dim=1) > 0
-        return torch.where(alive.view(-1, *([1] * (grad.ndim - 1))), relu_grad, redirected), None
+        relu_grad = grad.masked_fill(neg, 0.0)  # the ordinary ReLU gradient
+        alive = relu_grad.flatten(1).any(dim=1).view(-1, *([1] * (grad.ndim - 1)))  # per row, no host read
+        redirected = grad.masked_fill(neg & (grad > 0), 0.0)
+        return torch.where(alive, relu_grad, redirected), None
 
 
 class _RedirectedReLUInplace(torch.autograd.Function):
@@ -378,8 +398,8 @@ def _redirect_handler(call: ActivationCall) -> torch.Tensor:
     return _RedirectedReLU.apply(x, call)
 
 
-def _objective(act: torch.Tensor, channels: torch.Tensor, objective: str) -> torch.Tensor:
-    rows = act[torch.arange(act.shape[0], device=act.device), channels]  # [R, h, w]
+def _objective(act: torch.Tensor, channels: torch.Tensor, objective: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+    rows = act[torch.arange(act.shape[0], device=act.device) if rows is None else rows, channels]  # [R, h, w]
     if objective == "mean":
         return rows.mean(dim=(1, 2))
     return rows[:, rows.shape[1] // 2, rows.shape[2] // 2]
@@ -392,11 +412,16 @@ class _Image:
     def __init__(self, kind: str, r: int, c: int, h: int, w: int, colour: torch.Tensor, device, decay_power=1.0):
         self.kind, self.shape = kind, (r, c, h, w)
         self.colour = colour.to(device)
+        # the identity mixes nothing: skip it (the same numbers, two kernels fewer per step)
+        self.mix = not torch.equal(colour.detach().cpu(), torch.eye(c, dtype=colour.dtype))  # once per run
         fy = torch.fft.fftfreq(h, device=device)[:, None]
         fx = torch.fft.rfftfreq(w, device=device)[None, :]
         freqs = (fx.square() + fy.square()).sqrt()
         self.freqs = freqs
         self.scale = 1.0 / freqs.clamp_min(1.0 / max(h, w)).pow(decay_power)  # [h, w//2+1]
+        # 1/f and Lucid's 1/4 in one factor, built once (dividing by 4 is exact: the same numbers)
+        self.spectral = self.scale / _MAGIC
+        self._response: tuple[float, torch.Tensor] | None = None
 
     def param_shape(self) -> tuple[int, ...]:
         r, c, h, w = self.shape
@@ -406,8 +431,9 @@ class _Image:
         if self.kind == "pixel":
             return p
         r, c, h, w = self.shape
-        latent = torch.fft.irfft2(torch.view_as_complex(p) * self.scale, s=(h, w), norm="ortho") / _MAGIC
-        latent = torch.einsum("dc,rchw->rdhw", self.colour, latent)
+        latent = torch.fft.irfft2(torch.view_as_complex(p) * self.spectral, s=(h, w), norm="ortho")
+        if self.mix:
+            latent = torch.einsum("dc,rchw->rdhw", self.colour, latent)
         return torch.sigmoid(latent)
 
     def from_pixels(self, pix: torch.Tensor) -> torch.Tensor:
@@ -423,8 +449,9 @@ class _Image:
     def blur(self, p: torch.Tensor, sigma: float) -> None:
         """Gaussian blur (circular) of the image, in place on the parameters."""
         if self.kind == "fourier":
-            response = torch.exp(-2 * math.pi**2 * sigma**2 * self.freqs.square())
-            p.mul_(response[..., None])
+            if self._response is None or self._response[0] != sigma:  # built once per run
+                self._response = (sigma, torch.exp(-2 * math.pi**2 * sigma**2 * self.freqs.square())[..., None])
+            p.mul_(self._response[1])
             return
         radius = max(1, math.ceil(2 * sigma))
         t = torch.arange(-radius, radius + 1, device=p.device, dtype=p.dtype)
@@ -438,22 +465,32 @@ class _Image:
 
 
 def _affine(
-    u: torch.Tensor, jitter: float, scale: tuple[float, float], rotate: float, hw: tuple[int, int], crop: float = 1.0,
-    centre_sd: float = 0.0, normal: torch.Tensor | None = None,
+    u: torch.Tensor, jitter: float, scale: tuple[float, float], rotate: float, hw: tuple[int, int],
+    crop: Sequence[float], centre_sd: Sequence[float], normal: torch.Tensor,
 ) -> torch.Tensor:
-    """``[R, 2, 3]`` affine matrices for ``grid_sample`` from uniform draws ``u [R, 4]`` in [0, 1)."""
+    """``[T, R, 2, 3]`` affine matrices for ``grid_sample``, every step's at once.
+
+    ``u [T, R, 4]``: uniform draws in [0, 1) (translation x / y, scale, angle); ``normal
+    [T, R, 2]``: standard normal draws for the Gaussian-centred crops of the centre bias;
+    ``crop [T]``: the crop's side as a fraction of the canvas (1: no crop); ``centre_sd
+    [T]``: the standard deviation of the crop's centre (0: centred).
+    """
     h, w = hw
-    s = scale[0] + (scale[1] - scale[0]) * u[:, 2]
-    angle = torch.deg2rad((2 * u[:, 3] - 1) * rotate)
-    zoom = crop / s  # < 1: a crop, zoomed in
-    tx = (2 * u[:, 0] - 1) * jitter * 2 / w
-    ty = (2 * u[:, 1] - 1) * jitter * 2 / h
-    if normal is not None and centre_sd > 0:  # Gaussian-centred crops (centre bias)
-        limit = 1 - crop
-        tx = tx + (normal[:, 0] * centre_sd).clamp(-limit, limit)
-        ty = ty + (normal[:, 1] * centre_sd).clamp(-limit, limit)
+
+    def column(values: Sequence[float]) -> torch.Tensor:  # [T, 1], one upload per run
+        return torch.tensor(values, dtype=u.dtype).view(-1, 1).to(u.device)
+
+    s = scale[0] + (scale[1] - scale[0]) * u[..., 2]
+    angle = torch.deg2rad((2 * u[..., 3] - 1) * rotate)
+    zoom = s.reciprocal() * column(crop)  # < 1: a crop, zoomed in
+    tx = (2 * u[..., 0] - 1) * jitter * 2 / w
+    ty = (2 * u[..., 1] - 1) * jitter * 2 / h
+    if any(sd > 0 for sd in centre_sd):  # Gaussian-centred crops (centre bias)
+        sd, limit, shifted = column(centre_sd), column([1 - c for c in crop]), column([sd > 0 for sd in centre_sd])
+        tx = torch.where(shifted.bool(), tx + torch.clamp(normal[..., 0] * sd, -limit, limit), tx)
+        ty = torch.where(shifted.bool(), ty + torch.clamp(normal[..., 1] * sd, -limit, limit), ty)
     cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
-    return torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    return torch.stack([torch.stack([cos, -sin, tx], -1), torch.stack([sin, cos, ty], -1)], -2)
 
 
 def _margin_mask(h: int, w: int, margin: int, device) -> torch.Tensor:
@@ -482,8 +519,9 @@ def _prepare(model: nn.Module, layer: str, forward: Callable | None):
 def _rows_independent(device: torch.device) -> Iterator[None]:
     """On the CPU, convolutions without oneDNN: each batch row is computed the same way whatever
     the batch size, so a batched optimisation equals single ones bit for bit (oneDNN picks
-    batch-size-dependent kernels whose rounding an optimisation can amplify). For the small
-    batches of synthesis the native kernels are also faster. The global flag is restored."""
+    batch-size-dependent kernels whose rounding an optimisation can amplify). The price: on the
+    demo CNN, 8 units, one thread, a batched call takes ~7% more CPU time than with oneDNN.
+    The global flag is restored."""
     if device.type != "cpu":
         yield
         return
@@ -559,7 +597,10 @@ def maximize(
     RNG is untouched. On the CPU the convolutions run without oneDNN inside (restored
     after): their kernels depend on the batch size, and a nonconvex optimisation can
     amplify that rounding; the native kernels make batched and single calls bit-identical
-    (and are faster for these small batches). On a GPU, equal up to rounding.
+    (at ~7% more CPU time for a batch of 8 on the demo CNN). On a GPU, equal up to rounding.
+    Nothing in the step loop reads the device (no ``.item()``, no host-side branching on
+    values): every step's transform is built before the loop, the curve stays on the
+    device, and Adam keeps its step count in Python.
 
     Multifaceted (Nguyen et al. 2016): with ``facets=k``, ``init`` gives dataset images
     — ``[N, C, H, W]`` shared by all units (each unit keeps its ``top_n`` most activating
@@ -795,58 +836,98 @@ def _optimise(
     else:
         p = (0.5 + 0.01 * noise).clamp(0, 1)
     p = p.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([p], lr=lr)
+    opt = _Adam(p, lr)
     mask = _margin_mask(h, w, round(margin * min(h, w)), device) if centre_bias else None
-    units_d = units.to(device)
+    rows, units_d = torch.arange(r, device=device), units.to(device)
+    minus = torch.full((r,), -1.0, device=device)  # ascend: the gradient of -objective, every row
+    span = hi - lo
     curve = torch.empty(steps, r, device=device)
     ph, pw = h + 2 * pad, w + 2 * pad
+    # every step's random transform, built at once from the per-row draws
+    progress = [t / max(1, steps - 1) for t in range(steps)]
+    crop = [1.0 - 0.5 * q if centre_bias else 1.0 for q in progress]
+    centre_sd = [0.25 * (1 - q) if centre_bias else 0.0 for q in progress]
+    thetas = _affine(draws, jitter, scale, rotate, (ph, pw), crop, centre_sd, normals)  # [steps, R, 2, 3]
+    centred = None
 
-    for t in range(steps):
-        pix = image.pixels(p)
-        x = pix.detach().requires_grad_(True)
-        y = F.pad(x - 0.5, (pad, pad, pad, pad)) if pad else x - 0.5
-        progress = t / max(1, steps - 1)
-        crop = 1.0 - 0.5 * progress if centre_bias else 1.0
-        theta = _affine(draws[t], jitter, scale, rotate, (ph, pw), crop, 0.25 * (1 - progress) if centre_bias else 0.0, normals[t])
-        grid = F.affine_grid(theta, [r, c, ph, pw], align_corners=False)
-        y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 0.5
-        act = _forward_layer(model, (lo + (hi - lo) * y).to(dtype), layer, forward, _redirect_handler if t < redirect_steps else None)
-        obj = _objective(act, units_d, objective).float()
-        curve[t] = obj.detach()
-        (g,) = torch.autograd.grad(-obj.sum(), x)  # descent direction of -objective, w.r.t. the image only
-        if l2 > 0:
-            weight = l2 * g.flatten(1).abs().amax(dim=1) / 0.5
-            g = g + weight.view(-1, 1, 1, 1) * (x.detach() - 0.5)
-        if mask is not None:
-            g = g * mask
-        opt.zero_grad(set_to_none=True)
-        (p.grad,) = torch.autograd.grad(pix, p, g)
-        opt.step()
+    def shape_grad(g: torch.Tensor) -> torch.Tensor:
+        """On the way back through the image: the L2 decay toward grey, then the margin mask."""
+        if l2 > 0:  # l2 * max|g| / 0.5 per row (dividing by 0.5 is exact: the same numbers as written so)
+            g = g + g.flatten(1).abs().amax(dim=1).mul_(2 * l2).view(-1, 1, 1, 1) * centred
+        return g * mask if mask is not None else g
+
+    # No host read in the loop: the curve stays on the device and is returned as it is.
+    with _ToLayer(model, layer, forward) as to_layer:
+        for t in range(steps):
+            pix = image.pixels(p)
+            y = pix - 0.5
+            centred = y.detach()
+            hook = pix.register_hook(shape_grad)
+            y = F.pad(y, (pad, pad, pad, pad)) if pad else y
+            grid = F.affine_grid(thetas[t], [r, c, ph, pw], align_corners=False)
+            y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 0.5
+            act = to_layer((lo + span * y).to(dtype), _redirect_handler if t < redirect_steps else None)
+            obj = _objective(act, units_d, objective, rows).float()
+            curve[t] = obj.detach()
+            try:  # with respect to the image's parameters only
+                (grad,) = torch.autograd.grad(obj, p, minus)
+            finally:
+                hook.remove()
+            opt.step(grad)
+            with torch.no_grad():
+                if image.kind == "pixel":
+                    p.clamp_(0, 1)
+                if blur_every and (t + 1) % blur_every == 0 and t + 1 < steps:
+                    image.blur(p, blur_sigma)
         with torch.no_grad():
-            if image.kind == "pixel":
-                p.clamp_(0, 1)
-            if blur_every and (t + 1) % blur_every == 0 and t + 1 < steps:
-                image.blur(p, blur_sigma)
-    with torch.no_grad():
-        pix = image.pixels(p)
-        final = lo + (hi - lo) * pix
-        reached = _objective(_forward_layer(model, final.to(dtype), layer, forward), units_d, objective).float()
+            pix = image.pixels(p)
+            final = lo + span * pix
+            reached = _objective(to_layer(final.to(dtype)), units_d, objective, rows).float()
     return final.detach(), reached.detach(), curve
 
 
+class _Adam:
+    """Adam on one tensor, the same numbers as ``torch.optim.Adam`` (its single-tensor path).
+
+    The step count and bias corrections are Python numbers, so a step is a handful of
+    kernels and never reads the device (``torch.optim.Adam`` reads its step-count tensor
+    and checks for accelerators at every step).
+    """
+
+    def __init__(self, p: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.p, self.lr, (self.b1, self.b2), self.eps, self.t = p, lr, betas, eps, 0
+        self.m = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self.v = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor, lr: float | None = None) -> None:
+        self.t += 1
+        step = float(self.t)
+        self.m.lerp_(grad, 1 - self.b1)
+        self.v.mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
+        bias1, bias2 = 1 - self.b1**step, 1 - self.b2**step
+        denom = (self.v.sqrt() / bias2**0.5).add_(self.eps)
+        self.p.addcdiv_(self.m, denom, value=-((self.lr if lr is None else lr) / bias1))
+
+
 # ----------------------------------------------------------------------------- invert
+#: The TV weight decays from ``lambda_tv_start`` to ``lambda_tv`` over this fraction of the steps.
+_ANNEAL_UNTIL = 0.75
+
+
 def invert(
     model: nn.Module,
     images: torch.Tensor,
     layer: str,
     *,
-    steps: int = 128,
+    steps: int = 256,
     lr: float = 0.1,
     seed: int = 0,
     alpha: float = 6.0,
     beta: float = 2.0,
     lambda_alpha: float = 1e-3,
-    lambda_tv: float = 5e-3,
+    lambda_tv: float = 3e-4,
+    lambda_tv_start: float | None = 0.1,
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
     value_range: tuple | None = None,
@@ -864,6 +945,15 @@ def invert(
     (:func:`total_variation`). Adam (``lr``) on the pixels, from a small seeded noise
     around mid-grey; pixels are clipped to the data range after each step.
 
+    The TV weight is annealed (graduated smoothing): it starts at ``lambda_tv_start``,
+    decays geometrically to ``lambda_tv`` over the first three quarters of the steps and
+    stays there. The strong prior first finds the coarse image, where a weak one gets
+    stuck in speckled local optima of the non-convex code (ReLU, max-pooling); the weak
+    prior then lets the detail the code holds come back. On the demo CNN's first block this
+    raises the PSNR of held-out reconstructions by ~1.5 dB on average over a constant
+    weight, at the same cost per step (``lambda_tv_start=None``: the paper's constant
+    ``lambda_tv``).
+
     Args:
         model: the network, on any device.
         images: ``[N, C, H, W]`` in model-input units.
@@ -872,7 +962,10 @@ def invert(
         lr: Adam's learning rate (in units of the data range).
         seed: seeds the start noise (private generator).
         alpha, beta: exponents of the priors (6 and 2 in the paper).
-        lambda_alpha, lambda_tv: weights of the priors (0 turns one off).
+        lambda_alpha, lambda_tv: weights of the priors (0 turns one off); ``lambda_tv``
+            is the TV weight the reconstruction ends with.
+        lambda_tv_start: the TV weight at the first step (annealed to ``lambda_tv``, see
+            above); ``None``: ``lambda_tv`` throughout.
         mean, std, value_range: the data's range, as in :func:`maximize`; default
             ``(0, 1)``.
         forward: how to call the model on images (default ``model``).
@@ -880,7 +973,8 @@ def invert(
 
     Returns:
         An :class:`Inversion` (``images``, ``feature_error`` ``‖Φ(x) − Φ₀‖ / ‖Φ₀‖``
-        per image, ``curve``).
+        per image, ``curve``: the loss at each step, with that step's TV weight; on the
+        model's device, never read back during the optimisation).
 
     Raises:
         ValueError: unknown layer, bad shapes or hyper-parameters.
@@ -904,44 +998,52 @@ def invert(
     lr = _check_float("lr", lr)
     alpha, beta = _check_float("alpha", alpha, 1.0), _check_float("beta", beta, 1.0)
     lambda_alpha, lambda_tv = _check_float("lambda_alpha", lambda_alpha), _check_float("lambda_tv", lambda_tv)
+    if lambda_tv_start is not None and (_check_float("lambda_tv_start", lambda_tv_start) == 0):
+        raise ValueError(f"Invalid value for lambda_tv_start={lambda_tv_start!r}. Must be a number > 0 or None")
     model, device, dtype = _prepare(model, layer, forward)
     lo, hi = _value_range(images.shape[1], mean, std, value_range, device)
     g = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(images.shape, generator=g).to(device)
-    v = 2.0 / 6.5
+    # the TV weight of every step (Python numbers: nothing to read back from the device)
+    if lambda_tv_start is None or lambda_tv == 0:
+        tv_weights = [lambda_tv] * steps
+    else:
+        until = max(1.0, _ANNEAL_UNTIL * (steps - 1))
+        tv_weights = [lambda_tv_start * (lambda_tv / lambda_tv_start) ** min(1.0, t / until) for t in range(steps)]
+    tv_norm = (images.shape[1] * (images.shape[2] - 1) * (images.shape[3] - 1)) * (2.0 / 6.5) ** beta
     outs, errors, curves = [], [], []
-    with isolated(model), _rows_independent(device):
+    with isolated(model), _rows_independent(device), _ToLayer(model, layer, forward) as to_layer:
         _freeze(model)
         lo, hi, noise = lo.clone(), hi.clone(), noise.clone()  # normal tensors, also under inference_mode
+        span = hi - lo
         for s in range(0, images.shape[0], max_batch):
             x0 = images[s : s + max_batch].detach().to(device=device, dtype=torch.float32).clone()
             with torch.no_grad():
                 try:
-                    target = _forward_layer(model, x0.to(dtype), layer, forward).float()
+                    target = to_layer(x0.to(dtype)).float()
                 except RuntimeError as err:
                     raise ValueError(f"The forward pass on images of shape {tuple(images.shape)} failed: {err}") from err
             norm0 = target.flatten(1).square().sum(1).clamp_min(1e-30)
             p = (0.5 + 0.01 * noise[s : s + max_batch]).clamp(0, 1).requires_grad_(True)
-            opt = torch.optim.Adam([p], lr=lr)
+            opt = _Adam(p, lr)
+            ones = torch.ones(x0.shape[0], device=device)
             curve = torch.empty(steps, x0.shape[0], device=device)
             for t in range(steps):
-                x = lo + (hi - lo) * p
-                feat = _forward_layer(model, x.to(dtype), layer, forward).float()
+                feat = to_layer((lo + span * p).to(dtype)).float()
                 loss = (feat - target).flatten(1).square().sum(1) / norm0
                 xt = 2 * p - 1
                 if lambda_alpha:
                     loss = loss + lambda_alpha * xt.abs().pow(alpha).flatten(1).mean(1)
-                if lambda_tv:
-                    tv = total_variation(xt, beta) / (xt[0, :, 1:, 1:].numel() * v**beta)
-                    loss = loss + lambda_tv * tv
+                if tv_weights[t]:
+                    loss = loss + (tv_weights[t] / tv_norm) * total_variation(xt, beta)
                 curve[t] = loss.detach()
-                (p.grad,) = torch.autograd.grad(loss.sum(), p)
-                opt.step()
+                (grad,) = torch.autograd.grad(loss, p, ones)
+                opt.step(grad)
                 with torch.no_grad():
                     p.clamp_(0, 1)
             with torch.no_grad():
-                x = lo + (hi - lo) * p
-                feat = _forward_layer(model, x.to(dtype), layer, forward).float()
+                x = lo + span * p
+                feat = to_layer(x.to(dtype)).float()
                 errors.append(((feat - target).flatten(1).square().sum(1) / norm0).sqrt())
             outs.append(x.detach())
             curves.append(curve)

@@ -244,6 +244,8 @@ def test_bad_input_is_refused():
         invert(net, torch.rand(1, 3, 16, 16), "0", steps=0)
     with pytest.raises(TypeError, match="float tensor"):
         invert(net, torch.zeros(1, 3, 16, 16, dtype=torch.long), "0")
+    with pytest.raises(ValueError, match="lambda_tv_start=0"):
+        invert(net, torch.rand(1, 3, 16, 16), "0", lambda_tv_start=0)
 
 
 # ----------------------------------------------------------------------------- invert
@@ -256,7 +258,7 @@ def test_inverting_the_first_block_of_the_demo_cnn_at_init():
     psnr = _psnr(res.images, held_out)
     assert (psnr >= 20).all(), psnr.tolist()
     assert (res.feature_error < 0.1).all(), res.feature_error.tolist()
-    assert res.curve.shape == (128, 6) and res.curve[-1].mean() < res.curve[0].mean()
+    assert res.curve.shape == (256, 6) and res.curve[-1].mean() < res.curve[0].mean()
 
 
 def test_invert_is_batched_over_images():
@@ -307,7 +309,28 @@ def test_inverting_the_first_block_of_a_trained_demo_cnn(trained_demo):
     held_out, _ = make_shapes(6, seed=4321)
     res = invert(trained_demo, held_out, "features.3", mean=DEMO_MEAN, std=DEMO_STD)
     psnr = _psnr(res.images, held_out)
-    set_psnr = 10 * torch.log10(1 / ((res.images - held_out) * DEMO_STD).square().mean())
-    # the trained block discards more than the random one: one of the six images lands at ~19 dB
-    assert set_psnr >= 20 and (psnr >= 18).all(), (float(set_psnr), psnr.tolist())
+    # every held-out image (the hardest carry pixel noise of sd ~0.12 that the block partly
+    # discards); with the paper's constant TV weight (lambda_tv_start=None) one lands at ~19 dB
+    assert (psnr >= 20).all(), psnr.tolist()
     assert (res.feature_error < 0.1).all(), res.feature_error.tolist()
+    # the annealed TV weight is what gets there: the paper's constant weight, same steps
+    constant = invert(trained_demo, held_out, "features.3", mean=DEMO_MEAN, std=DEMO_STD, lambda_tv=5e-3,
+                      lambda_tv_start=None)  # fmt: skip
+    assert _psnr(constant.images, held_out).min() < 20 and _psnr(constant.images, held_out).mean() < psnr.mean() - 1
+
+
+def test_the_inner_adam_equals_torch_optim_adam():
+    """``_Adam`` (Python step count, no device reads) gives torch.optim.Adam's single-tensor numbers."""
+    from lightning_vis.synthesis import _Adam
+
+    torch.manual_seed(0)
+    ours = torch.randn(4, 3, 8, 8)
+    ref = ours.clone().requires_grad_(True)
+    opt = torch.optim.Adam([ref], lr=0.05, foreach=False)
+    mine = _Adam(ours, 0.05)
+    for _ in range(20):
+        g = torch.randn_like(ours)
+        ref.grad = g.clone()
+        opt.step()
+        mine.step(g)
+    torch.testing.assert_close(ours, ref.detach(), rtol=1e-6, atol=1e-7)

@@ -156,6 +156,8 @@ def test_bad_arguments_fail_in_init():
         ActivationMaximization(size=1)
     with pytest.raises(ValueError, match="lambda_tv=-1"):
         FeatureInversion(lambda_tv=-1)
+    with pytest.raises(ValueError, match="lambda_tv_start=0"):
+        FeatureInversion(lambda_tv_start=0)
     with pytest.raises(ValueError, match="steps=0"):
         FeatureInversion(steps=0)
 
