@@ -193,7 +193,7 @@ def isolated(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Module]
     with ExitStack() as stack:
         stack.enter_context(preserved_rng())
         try:
-            if eval_mode:
+            if eval_mode and any(flag for _, flag in training):  # (validation hooks: already all eval)
                 model.eval()
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
