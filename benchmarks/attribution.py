@@ -200,8 +200,10 @@ def main() -> None:
         times = {i: ([], []) for i in range(len(rows))}
         # calls per measurement: >= 0.2 s each, so that fast methods are not timer noise
         inner = [max(1, math.ceil(0.2 / max(_timed(mine), 1e-6))) for _, _, mine, _, _ in rows]
-        for r in range(args.repeats):  # alternated, so drifts in machine load hit both alike
-            for i, (_, _, mine, theirs, _) in enumerate(rows):
+        # row by row (a heavy row's chunks must not disturb a light row's caches), ours and
+        # theirs alternated within the row, so that drifts in machine load hit both alike
+        for i, (_, _, mine, theirs, _) in enumerate(rows):
+            for r in range(args.repeats):
                 pair = [(0, mine), (1, theirs)] if r % 2 == 0 else [(1, theirs), (0, mine)]
                 for side, fn in pair:
                     times[i][side].append(_timed(lambda fn=fn, k=inner[i]: [fn() for _ in range(k)]) / inner[i])
