@@ -8,6 +8,9 @@ size to show that memory stays flat.
 
     python benchmarks/overhead.py                 # the README table (about 15 min on 2 cores)
     python benchmarks/overhead.py --repeats 3 --epochs 1 --only DeadNeuronMonitor
+    python benchmarks/overhead.py --together both --repeats 2 --train-size 36000 --long-steps 0
+                                                  # every callback at its defaults, and suite(), with
+                                                  # epochs of >= 1 minute (DESIGN's <= 3% budget)
 """
 
 from __future__ import annotations
@@ -106,18 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-steps", type=int, default=600, help="steps of the memory run (0: skip)")
     parser.add_argument("--only", nargs="*", default=None, help="callbacks to measure (default: all)")
     parser.add_argument("--logdir", default="benchmarks/out", help="where the runs log (default benchmarks/out)")
+    parser.add_argument("--together", choices=("defaults", "suite", "both"), default=None,
+                        help="only every callback together: at their defaults, as suite() returns them, or both")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    names = [n for n in vis.__all__ if args.only is None or n in args.only]
+    names = [n for n in vis.__all__ if isinstance(getattr(vis, n), type) and (args.only is None or n in args.only)]
 
     configs = []
     for name in names:
         cls = getattr(vis, name)
         configs.append((f"{name}", "defaults", lambda cls=cls: [cls()]))
         configs.append((f"{name}", "every step", lambda cls=cls, n=name: [cls(**EVERY_STEP.get(n, {}))]))
-    if len(names) > 1:
+    if args.together:
+        configs = [("all together", "defaults", lambda: [getattr(vis, n)() for n in names]),
+                   ("suite()", "defaults", lambda: vis.suite())]  # fmt: skip
+        configs = {"defaults": configs[:1], "suite": configs[1:], "both": configs}[args.together]
+    elif len(names) > 1:
         configs.append(("all together", "defaults", lambda: [getattr(vis, n)() for n in names]))
         configs.append(("all together", "every step",
                         lambda: [getattr(vis, n)(**EVERY_STEP.get(n, {})) for n in names]))  # fmt: skip
@@ -140,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     for label in dict.fromkeys(label for label, _ in results):
         cells = []
         for setting in ("defaults", "every step"):
-            ratio, _ = results[(label, setting)]
-            cells.append(f"{100 * (ratio - 1):+.1f}%")
+            ratio, _ = results.get((label, setting), (float("nan"), None))
+            cells.append(f"{100 * (ratio - 1):+.1f}%" if ratio == ratio else "—")
         print(f"| {label} | {cells[0]} | {cells[1]} |")
 
     if args.long_steps:
@@ -150,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         every = max(1, args.long_steps // 20)
         print(f"\nResident memory over {epochs * steps_per_epoch} steps (MB, after warm-up at 25% → end):")
         for label, cbs in (("plain training", []),
-                           ("all four at every step", [getattr(vis, n)(**EVERY_STEP.get(n, {})) for n in names])):
+                           ("all at every step", [getattr(vis, n)(**EVERY_STEP.get(n, {})) for n in names])):
             rss = fit(cbs, epochs=epochs, train_size=args.train_size, rss_every=every, logdir=args.logdir).rss
             warm = rss[len(rss) // 4]
             print(f"  {label:24s} {warm[1]:.0f} MB at step {warm[0]} → {rss[-1][1]:.0f} MB at step {rss[-1][0]} "
