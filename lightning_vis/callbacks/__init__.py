@@ -1,6 +1,6 @@
 """Lightning callbacks that log what happens inside a CNN to TensorBoard.
 
-``suite()`` returns all of them at settings that fit the budgets together.
+``suite()`` returns all of them at settings that keep each run within its per-run budget.
 """
 
 from lightning_vis.callbacks.attribution import ClassAttribution

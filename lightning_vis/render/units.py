@@ -7,7 +7,15 @@ import math
 import numpy as np
 import torch
 
-from lightning_vis.render._core import CARD_WIDTH_PX, UNIT_COLOURS, _as_rgb, _font, _resize, _scale, to_uint8
+from lightning_vis.render._core import (
+    CARD_WIDTH_PX,
+    UNIT_COLOURS,
+    _as_rgb,
+    _font,
+    _resize,
+    _scale,
+    to_uint8,
+)
 
 __all__ = ["feature_maps_panel", "top_activations_grid"]
 
