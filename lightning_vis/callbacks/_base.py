@@ -17,6 +17,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from lightning_vis.isolation import preserved_rng
+from lightning_vis.layers import resolve_probe_layers
 
 _PACKAGES = []
 for _name in ("lightning.pytorch", "pytorch_lightning"):
@@ -571,6 +572,43 @@ class _VisMonitor(*_CALLBACK_BASES):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step", -1)
+
+
+class _ProbePanelMonitor(_VisMonitor):
+    """A callback that renders panels of fixed probe images for a few layers.
+
+    Holds what such callbacks share: ``layers`` patterns resolved against the model's
+    convolutions, the resolved ``layer_names`` and the ``probe`` (on the CPU), both kept in
+    the checkpoint so a resumed run shows the same layers and images. Subclasses set
+    ``self.layers``, ``self._layer_names`` and ``self._probe`` in ``__init__``.
+    """
+
+    layers: list[str] | None
+    _layer_names: list[str] | None
+    _probe: torch.Tensor | None
+
+    @property
+    def layer_names(self) -> list[str] | None:
+        """The layers shown (resolved at setup, or when training starts for the default)."""
+        return self._layer_names
+
+    @property
+    def probe_images(self) -> torch.Tensor | None:
+        """The probe images (on the CPU), fixed for the run once chosen."""
+        return self._probe
+
+    def _resolve(self, model: torch.nn.Module, convs: list[str]) -> list[str]:
+        return resolve_probe_layers(model, self.layers or [], convs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "layer_names": self._layer_names, "probe": self._probe}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self._layer_names is None:
+            self._layer_names = state_dict.get("layer_names")
+        if self._probe is None and state_dict.get("probe") is not None:
+            self._probe = state_dict["probe"].detach().cpu()
 
 
 def as_pattern_list(layers: str | Iterable[str] | None) -> list[str] | None:

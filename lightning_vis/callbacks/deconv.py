@@ -8,7 +8,7 @@ import torch
 
 from lightning_vis import render
 from lightning_vis.callbacks._base import (
-    _VisMonitor,
+    _ProbePanelMonitor,
     as_pattern_list,
     check_every,
     spread,
@@ -19,7 +19,6 @@ from lightning_vis.layers import (
     _quote_list,
     conv_layers,
     execution_order,
-    resolve_probe_layers,
     unwrap_model,
 )
 
@@ -30,7 +29,7 @@ _DEFAULT_LAYERS = 4
 _DEFAULT_TOP_K = 9
 
 
-class DeconvProjection(_VisMonitor):
+class DeconvProjection(_ProbePanelMonitor):
     """Log, for fixed probe images, the top-k units of some layers projected back to pixels.
 
     Zeiler & Fergus (2014), Fig. 2, live: for each probe image and each chosen layer, the
@@ -125,20 +124,7 @@ class DeconvProjection(_VisMonitor):
     def _config(self) -> dict:
         return {"layers": self.layers, "method": self.method, "top_k": self.top_k}
 
-    @property
-    def layer_names(self) -> list[str] | None:
-        """The layers projected (resolved at setup, or when training starts for the default)."""
-        return self._layer_names
-
-    @property
-    def probe_images(self) -> torch.Tensor | None:
-        """The probe images (on the CPU), fixed for the run once chosen."""
-        return self._probe
-
     # ------------------------------------------------------------------ validation
-    def _resolve(self, model: torch.nn.Module, convs: list[str]) -> list[str]:
-        return resolve_probe_layers(model, self.layers or [], convs)
-
     def _check_probe_fits(
         self, pl_module: Any, probe: torch.Tensor, convs: list[str], final: bool = False
     ) -> list[str] | None:
@@ -225,14 +211,3 @@ class DeconvProjection(_VisMonitor):
                 "projection (zero = grey) beside the image patch under its receptive field."
             )
             self._log_image(trainer, f"deconv/{layer}", panel, description=description)
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "layer_names": self._layer_names, "probe": self._probe}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        if self._layer_names is None:
-            self._layer_names = state_dict.get("layer_names")
-        if self._probe is None and state_dict.get("probe") is not None:
-            self._probe = state_dict["probe"].detach().cpu()

@@ -8,14 +8,13 @@ import torch
 
 from lightning_vis import render
 from lightning_vis.callbacks._base import (
-    _VisMonitor,
+    _ProbePanelMonitor,
     as_pattern_list,
     check_every,
     spread,
 )
 from lightning_vis.isolation import isolated
 from lightning_vis.layers import (
-    resolve_probe_layers,
     unwrap_model,
 )
 from lightning_vis.units import _layer_output, top_feature_maps
@@ -25,7 +24,7 @@ _DEFAULT_LAYERS = 4
 _DEFAULT_TOP_N = 9
 
 
-class FeatureMaps(_VisMonitor):
+class FeatureMaps(_ProbePanelMonitor):
     """Log, per probe image, each layer's ``top_n`` most active feature maps.
 
     Shang et al.'s structure view and the "layer outputs" of the OmniXRI review: which
@@ -95,20 +94,7 @@ class FeatureMaps(_VisMonitor):
     def _config(self) -> dict:
         return {"layers": self.layers, "top_n": self.top_n}
 
-    @property
-    def layer_names(self) -> list[str] | None:
-        """The layers shown (resolved at setup, or when training starts for the default)."""
-        return self._layer_names
-
-    @property
-    def probe_images(self) -> torch.Tensor | None:
-        """The probe images (on the CPU), fixed for the run once chosen."""
-        return self._probe
-
     # ------------------------------------------------------------------ setup
-    def _resolve(self, model: torch.nn.Module, convs: list[str]) -> list[str]:
-        return resolve_probe_layers(model, self.layers or [], convs)
-
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
@@ -170,14 +156,3 @@ class FeatureMaps(_VisMonitor):
                 "(label: channel), on one colour scale per image (its range under the image)."
             )
             self._log_image(trainer, f"feature_maps/{layer}", panel, description=description)
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "layer_names": self._layer_names, "probe": self._probe}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        if self._layer_names is None:
-            self._layer_names = state_dict.get("layer_names")
-        if self._probe is None and state_dict.get("probe") is not None:
-            self._probe = state_dict["probe"].detach().cpu()
